@@ -1,0 +1,185 @@
+"""The `selfee:` config block: options, paper defaults and validation, all checked before any model loads."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class _Block(BaseModel):
+    # A typo in a key must be an error, not a silently ignored option.
+    model_config = ConfigDict(extra="forbid")
+
+
+class PromptDataset(_Block):
+    """One entry of the unlabelled prompt pool: an Axolotl dataset entry plus a prompt-extraction type."""
+
+    path: str = Field(description="Local path, hub id or URL of the dataset, as in Axolotl's `datasets:` entries.")
+    type: Literal["messages", "prompt", "ultrafeedback"] = Field(
+        default="messages",
+        description="How to extract the prompt: `messages` (a chat list; a trailing assistant turn is dropped), "
+        "`prompt` (a plain string field, sent as one user turn), `ultrafeedback` (`prompt`, or `chosen` minus "
+        "its last turn).",
+    )
+    split: str = Field(default="train", description="Dataset split to read.")
+    name: str | None = Field(default=None, description="Dataset configuration name.")
+    data_files: str | list[str] | None = Field(default=None, description="Files to load from `path`.")
+    ds_type: str | None = Field(default=None, description="Loader type for local files (json, csv, parquet, ...).")
+    revision: str | None = Field(default=None, description="Dataset revision on the hub.")
+    field_messages: str = Field(default="messages", description="Field holding the chat list (type `messages`).")
+    field_prompt: str = Field(default="prompt", description="Field holding the prompt (types `prompt`, `ultrafeedback`).")
+    field_chosen: str = Field(default="chosen", description="Field holding the chosen chat (type `ultrafeedback`).")
+    field_system: str | None = Field(
+        default=None, description="Optional field with a system prompt prepended to each prompt."
+    )
+
+
+class GenerationConfig(_Block):
+    """Sampling of new responses from the current policy (SPA section 4.1)."""
+
+    max_new_tokens: int = Field(default=300, gt=0, description="Most tokens generated per response.")
+    temperature: float = Field(default=0.7, gt=0.0, description="Sampling temperature.")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    batch_size: int = Field(default=16, gt=0, description="Prompts per generation batch.")
+    backend: Literal["hf"] = Field(default="hf", description="Generation backend; `hf` is transformers' generate.")
+    max_prompt_length: int = Field(
+        default=1024, gt=0, description="Prompts longer than this many tokens are skipped and counted, never truncated."
+    )
+    seed: int = Field(default=42, description="Seed for sampling; round t uses seed + t.")
+
+
+class JudgeConfig(_Block):
+    """Direct preference judgment with the implicit reward r = log pi_cur - log pi_ref (SPA Eq. 3-4)."""
+
+    pairing: Literal["best_worst", "best_random"] = Field(
+        default="best_worst",
+        description="With more than 2 samples, pair the best response with the worst or with a random other one.",
+    )
+    length_normalize: bool = Field(
+        default=False, description="Use the per-token mean of the log-ratio instead of its sum (length-bias control)."
+    )
+    reference_model: str | None = Field(
+        default=None,
+        description="Model whose log-probs replace pi_init in the judge (required when there is no seed data).",
+    )
+    eval_pairs: dict[str, Any] | None = Field(
+        default=None,
+        description="Held-out human-labelled pairs (an Axolotl DPO dataset entry) to measure judge accuracy each round.",
+    )
+    batch_size: int = Field(default=16, gt=0, description="Responses per judgment forward pass.")
+    length_bias_warning: float = Field(
+        default=0.8,
+        ge=0.0,
+        le=1.0,
+        description="Warn when more than this share of unequal-length pairs chose the longer response.",
+    )
+
+
+class RefineConfig(_Block):
+    """Self-refinement of the judged labels (SPA Eq. 7-9)."""
+
+    noisy_fraction: float = Field(
+        default=0.1, ge=0.0, lt=1.0, description="K: share of pairs with the lowest margins treated as noisy."
+    )
+    smoothing: float = Field(
+        default=0.1, ge=0.0, lt=0.5, description="alpha: label smoothing applied to noisy pairs only."
+    )
+    extrapolation: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="lambda: de-coupled noise detection extrapolates logits (1+lambda)*h_theta - lambda*h_ref.",
+    )
+    window: int = Field(default=50, ge=1, description="W: how many recent margins set the noise threshold.")
+    warmup_ratio: float = Field(
+        default=0.2, ge=0.0, le=1.0, description="Share of each round's first steps trained without smoothing."
+    )
+
+
+class SelfeeConfig(_Block):
+    """SELFEE / SPA: seed DPO, then rounds of self-generated, self-judged, noise-aware DPO."""
+
+    prompts: list[PromptDataset] | None = Field(
+        default=None, description="The unlabelled prompt pool, split into one chunk per round in a fixed order."
+    )
+    rounds: int | list[int] = Field(
+        default=[8000, 20000],
+        description="Prompts per self-annotation round, e.g. [8000, 20000]; or a count of rounds with "
+        "`prompts_per_round`. 0 or [] trains on the seed only.",
+    )
+    prompts_per_round: int | None = Field(
+        default=None, gt=0, description="Prompts per round when `rounds` is a count."
+    )
+    samples_per_prompt: int = Field(default=2, ge=2, description="n: responses sampled per prompt.")
+    generation: GenerationConfig = Field(default_factory=GenerationConfig, description="Sampling settings.")
+    judge: JudgeConfig = Field(default_factory=JudgeConfig, description="Judgment settings.")
+    refine: RefineConfig = Field(default_factory=RefineConfig, description="Label refinement settings.")
+    seed_epochs: float = Field(default=3.0, gt=0.0, description="Epochs of DPO on the seed pairs (round 0).")
+    round_epochs: float = Field(default=1.0, gt=0.0, description="Epochs of DPO on each round's judged pairs.")
+    dpo_reference: Literal["previous", "initial"] = Field(
+        default="previous",
+        description="DPO reference of round t: `previous` (pi_{t-1}, the paper) or `initial` (pi_init).",
+    )
+    shuffle_seed: int = Field(default=42, description="Seed of the fixed shuffle of the prompt pool.")
+
+    @field_validator("rounds")
+    @classmethod
+    def _rounds_nonnegative(cls, rounds):
+        if isinstance(rounds, int) and rounds < 0:
+            raise ValueError(f"selfee.rounds is {rounds}; give a count >= 0 or a list of positive prompt counts.")
+        if isinstance(rounds, list) and any(size <= 0 for size in rounds):
+            raise ValueError(
+                f"selfee.rounds is {rounds}; every round size must be a positive number of prompts, e.g. [8000, 20000]."
+            )
+        return rounds
+
+    @model_validator(mode="after")
+    def _check_rounds(self):
+        if isinstance(self.rounds, int) and self.rounds > 0 and self.prompts_per_round is None:
+            raise ValueError(
+                f"selfee.rounds is a count ({self.rounds}), so selfee.prompts_per_round is required; "
+                "or give rounds as a list of prompts per round, e.g. [8000, 20000]."
+            )
+        if isinstance(self.rounds, list) and self.prompts_per_round is not None:
+            raise ValueError(
+                "selfee.prompts_per_round is set but selfee.rounds is already a list of round sizes; remove one of them."
+            )
+        if self.round_sizes and not self.prompts:
+            raise ValueError(
+                f"selfee.prompts is empty but selfee.rounds asks for {len(self.round_sizes)} self-annotation round(s); "
+                "add a prompt pool under selfee.prompts, or set selfee.rounds: 0 to train on the seed only."
+            )
+        return self
+
+    @property
+    def round_sizes(self) -> list[int]:
+        """Prompts per self-annotation round, in order."""
+        if isinstance(self.rounds, list):
+            return list(self.rounds)
+        return [self.prompts_per_round] * self.rounds if self.rounds else []
+
+
+class SelfeeArgs(BaseModel):
+    """Mixed into Axolotl's config: adds the `selfee:` block and its rules against top-level keys."""
+
+    selfee: SelfeeConfig | None = Field(default=None, description="SELFEE self-annotation settings.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_axolotl_keys(cls, data):
+        if not isinstance(data, dict) or data.get("selfee") is None:
+            return data
+        rl = data.get("rl")
+        rl = getattr(rl, "value", rl)
+        if rl != "dpo":
+            raise ValueError(
+                f"selfee requires `rl: dpo` (got rl: {rl!r}); SELFEE trains DPO on its judged pairs. Set rl: dpo."
+            )
+        selfee = data["selfee"]
+        judge = (selfee.get("judge") or {}) if isinstance(selfee, dict) else {}
+        if not data.get("datasets") and not (isinstance(judge, dict) and judge.get("reference_model")):
+            raise ValueError(
+                "selfee has no seed preference pairs (`datasets:` is empty), so selfee.judge.reference_model is "
+                "required: without a seed-trained policy the judge needs another model as its reference."
+            )
+        return data
