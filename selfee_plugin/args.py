@@ -183,3 +183,11 @@ class SelfeeArgs(BaseModel):
                 "required: without a seed-trained policy the judge needs another model as its reference."
             )
         return data
+
+
+def parse_selfee(cfg) -> SelfeeConfig | None:
+    """The validated `selfee:` block of an Axolotl cfg (Axolotl stores plugin blocks back as plain dicts)."""
+    block = cfg.get("selfee") if hasattr(cfg, "get") else getattr(cfg, "selfee", None)
+    if block is None or isinstance(block, SelfeeConfig):
+        return block
+    return SelfeeConfig.model_validate(dict(block))

@@ -7,6 +7,8 @@ import functools
 from axolotl.integrations.base import BasePlugin
 from axolotl.utils.logging import get_logger
 
+from .args import parse_selfee
+
 LOG = get_logger(__name__)
 
 
@@ -17,9 +19,19 @@ class SelfeePlugin(BasePlugin):
         super().__init__()
         self._model = None
         self._model_ref = None
+        self._pool = None
 
     def get_input_args(self) -> str:
         return "selfee_plugin.args.SelfeeArgs"
+
+    def pre_model_load(self, cfg):
+        # Load the prompt pool before any model, so a bad pool fails in seconds, not after loading weights.
+        selfee = parse_selfee(cfg)
+        if selfee and selfee.round_sizes:
+            from .strategies import load_prompt_pool
+
+            self._pool = load_prompt_pool(selfee, selfee.round_sizes)
+            LOG.info(f"selfee: prompt pool of {len(self._pool)} prompts for rounds {selfee.round_sizes}")
 
     def post_model_load(self, cfg, model):
         # Axolotl loads the policy first and, for full fine-tuning, the reference second (axolotl/train.py
@@ -39,3 +51,7 @@ class SelfeePlugin(BasePlugin):
         # Axolotl 0.19's RL builder passes no model positionally to a plugin's trainer class (upstream PR #2883),
         # so the models captured in post_model_load are bound here.
         return functools.partial(SelfeeDPOTrainer, self._model, self._model_ref, selfee_cfg=cfg)
+
+    def post_trainer_create(self, cfg, trainer):
+        if cfg.selfee:
+            trainer.prompt_pool = self._pool

@@ -70,3 +70,65 @@ def tiny_data_dir(tmp_path_factory):
         for _ in range(40):
             f.write(json.dumps({"prompt": _sort_prompt(rng)}) + "\n")
     return str(path)
+
+
+def tiny_train_config(model_dir: str, data_dir: str, output_dir: str, **overrides) -> dict:
+    """An Axolotl DPO config for the tiny model on CPU, with the plugin and a `selfee:` block."""
+    cfg = {
+        "base_model": model_dir,
+        "tokenizer_type": "AutoTokenizer",
+        "chat_template": "tokenizer_default",
+        "rl": "dpo",
+        "adapter": "lora",
+        "lora_r": 4,
+        "lora_alpha": 8,
+        "lora_dropout": 0.0,
+        "lora_target_linear": True,
+        "datasets": [
+            {"path": f"{data_dir}/seed.jsonl", "ds_type": "json", "split": "train", "type": "chat_template.default"}
+        ],
+        "sequence_len": 64,
+        "micro_batch_size": 4,
+        "gradient_accumulation_steps": 1,
+        "num_epochs": 1,
+        "learning_rate": 1e-3,
+        "optimizer": "adamw_torch",
+        "lr_scheduler": "cosine",
+        "bf16": False,
+        "fp16": False,
+        "output_dir": output_dir,
+        "dataset_prepared_path": f"{output_dir}/prepared",
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "dataloader_num_workers": 0,
+        "dataset_num_proc": 1,
+        "plugins": ["selfee_plugin.SelfeePlugin"],
+        "selfee": {"rounds": 0, "seed_epochs": 1},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+            cfg[key] = {**cfg[key], **value}
+        else:
+            cfg[key] = value
+    return cfg
+
+
+def run_axolotl_train(cfg: dict, workdir, timeout: int = 600, check: bool = True):
+    """Run the real `axolotl train` CLI on `cfg` in a subprocess; returns the CompletedProcess (output merged)."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    path = os.path.join(str(workdir), "config.yml")
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f)
+    axolotl = os.path.join(os.path.dirname(sys.executable), "axolotl")
+    proc = subprocess.run(
+        [axolotl, "train", path], cwd=str(workdir), capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    proc.output = proc.stdout + proc.stderr
+    if check and proc.returncode != 0:
+        raise AssertionError(f"axolotl train failed ({proc.returncode}):\n{proc.output[-6000:]}")
+    return proc

@@ -1,0 +1,127 @@
+"""Tests for selfee_plugin.generation: sampling from the policy and the DPO text format."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from selfee_plugin.args import GenerationConfig
+from selfee_plugin.generation import (
+    format_completion,
+    format_prompt,
+    generate_responses,
+    tokenize_completion,
+)
+
+PROMPTS = [
+    [{"role": "user", "content": "sort 3 1 2"}],
+    [{"role": "user", "content": "hello world the numbers"}],
+    [{"role": "system", "content": "answer yes or no"}, {"role": "user", "content": "is 1 2"}],
+    [{"role": "user", "content": "sort 9"}],
+]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny matmuls on a shared 2-core machine run ~50x slower when torch's threads fight other processes.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _cfg(**kw):
+    return GenerationConfig(**{"max_new_tokens": 6, "batch_size": 2, **kw})
+
+
+def test_generates_n_answers_per_prompt_reproducibly(tiny_model, tiny_tokenizer):
+    """Same seed -> same answers, another seed -> other answers; the caller's RNG stream is left untouched."""
+    rng_before = torch.get_rng_state()
+    first = generate_responses(tiny_model, tiny_tokenizer, PROMPTS, _cfg(), n=3, seed=1, progress=False)
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    again = generate_responses(tiny_model, tiny_tokenizer, PROMPTS, _cfg(), n=3, seed=1, progress=False)
+    other = generate_responses(tiny_model, tiny_tokenizer, PROMPTS, _cfg(), n=3, seed=2, progress=False)
+    assert [len(r) for r in first.responses] == [3] * len(PROMPTS)
+    assert all(isinstance(t, str) and t == t.strip() for r in first.responses for t in r)
+    assert first.responses == again.responses
+    assert first.responses != other.responses
+    assert first.prompts[2] == format_prompt(tiny_tokenizer, PROMPTS[2])
+    assert first.skipped == {} and first.generated_tokens > 0
+
+
+def test_left_padded_batch_matches_one_prompt_at_a_time(tiny_model, tiny_tokenizer):
+    """At a near-zero temperature sampling is greedy, so batching (left padding, KV cache) must not change answers."""
+    cold = {"temperature": 1e-4, "max_new_tokens": 8}
+    batched = generate_responses(tiny_model, tiny_tokenizer, PROMPTS, _cfg(batch_size=4, **cold), 1, 0, progress=False)
+    alone = generate_responses(tiny_model, tiny_tokenizer, PROMPTS, _cfg(batch_size=1, **cold), 1, 0, progress=False)
+    assert batched.responses == alone.responses
+
+
+def test_long_prompts_are_skipped_and_counted_not_truncated(tiny_model, tiny_tokenizer):
+    limit = len(tiny_tokenizer(format_prompt(tiny_tokenizer, PROMPTS[3]))["input_ids"])
+    out = generate_responses(tiny_model, tiny_tokenizer, PROMPTS, _cfg(max_prompt_length=limit), 2, 0, progress=False)
+    assert out.skipped == {0: "prompt_too_long", 1: "prompt_too_long", 2: "prompt_too_long"}
+    assert out.responses[:3] == [None, None, None] and out.finished[:3] == [None, None, None]
+    assert len(out.responses[3]) == 2
+
+
+def _force_token(model, token_id):
+    """Make `token_id` the overwhelming next token, whatever the hidden state."""
+    bias = torch.zeros(model.lm_head.out_features)
+    bias[token_id] = 1e4
+    return model.lm_head.register_forward_hook(lambda module, args, logits: logits + bias)
+
+
+def test_stops_at_eos_and_caps_length(tiny_model, tiny_tokenizer):
+    """A model that always emits EOS gives empty, finished answers; one that never does runs to max_new_tokens."""
+    hook = _force_token(tiny_model, tiny_tokenizer.eos_token_id)
+    out = generate_responses(tiny_model, tiny_tokenizer, PROMPTS[:2], _cfg(), 2, 0, progress=False)
+    hook.remove()
+    assert out.responses == [["", ""], ["", ""]]
+    assert out.finished == [[True, True], [True, True]]
+    assert out.generated_tokens == 4  # one EOS per answer, no padding counted
+
+    hook = _force_token(tiny_model, tiny_tokenizer.convert_tokens_to_ids("yes"))
+    out = generate_responses(tiny_model, tiny_tokenizer, PROMPTS[:2], _cfg(max_new_tokens=5), 2, 0, progress=False)
+    hook.remove()
+    assert out.responses == [["yes yes yes yes yes"] * 2] * 2
+    assert out.finished == [[False, False]] * 2
+    assert out.generated_tokens == 4 * 5
+
+
+def test_restores_mode_and_padding_side_under_lora(tiny_model, tiny_tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    model.train()
+    model.base_model.model.model.layers[0].eval()  # a submodule the caller froze in eval mode stays so
+    tiny_tokenizer.padding_side = "right"
+    out = generate_responses(model, tiny_tokenizer, PROMPTS, _cfg(), 2, 0, progress=False)
+    assert all(len(r) == 2 for r in out.responses)
+    assert model.training and not model.base_model.model.model.layers[0].training
+    assert model.base_model.model.model.layers[1].training
+    assert tiny_tokenizer.padding_side == "right"
+
+
+def test_text_format_matches_axolotl_chat_template_default(tiny_tokenizer):
+    """Prompt and completion strings equal Axolotl's `chat_template.default` DPO strategy output."""
+    from axolotl.prompt_strategies.dpo.chat_template import default
+
+    transform, _ = default({"datasets": [{}]})
+    row = {"messages": PROMPTS[2], "chosen": {"role": "assistant", "content": "yes 1 2"}, "rejected": "no"}
+    expected = transform(row, tokenizer=tiny_tokenizer)
+    assert format_prompt(tiny_tokenizer, PROMPTS[2]) == expected["prompt"]
+    assert format_completion(tiny_tokenizer, "yes 1 2") == expected["chosen"] == "yes 1 2 <|end|>"
+    assert format_completion(tiny_tokenizer, "no") == expected["rejected"]
+    # Axolotl's find() hits the "a" inside "[[dummy_message]]"; ours cuts at the answer itself.
+    assert format_completion(tiny_tokenizer, "a") == "a <|end|>"
+
+
+def test_tokenization_adds_eos_and_splits_at_prompt_length(tiny_tokenizer):
+    prompt = format_prompt(tiny_tokenizer, PROMPTS[0])
+    with_eos = tokenize_completion(tiny_tokenizer, prompt, "1 2 3 <|end|>")
+    without = tokenize_completion(tiny_tokenizer, prompt, "1 2 3")
+    assert with_eos == without
+    prompt_ids, completion_ids = with_eos
+    assert prompt_ids == tiny_tokenizer(prompt)["input_ids"]
+    assert completion_ids[-1] == tiny_tokenizer.eos_token_id and len(completion_ids) == 4
