@@ -1,4 +1,4 @@
-"""Noise-aware DPO loss: de-coupled noise detection (extrapolated margins, rolling quantile) and smoothing of noisy pairs."""
+"""Noise-aware DPO loss: de-coupled noise detection (extrapolated margins, rolling quantile), noisy-pair smoothing."""
 
 from __future__ import annotations
 
@@ -178,6 +178,8 @@ class NoiseDetector:
     def load_state_dict(self, state: dict) -> None:
         """Restore a `state_dict()`; a different W keeps the most recent values that fit."""
         if state.get("window", self.window) != self.window:
-            LOG.warning(f"Noise window was {state['window']} in the checkpoint, now {self.window}; keeping the last ones.")
+            LOG.warning(
+                f"Noise window was {state['window']} in the checkpoint, now {self.window}; keeping the last values."
+            )
         self.values.clear()
         self.values.extend(float(v) for v in state["values"])

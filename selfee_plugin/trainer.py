@@ -130,8 +130,8 @@ class SelfeeDPOTrainer(AxolotlDPOTrainer):
         found = [what for bad, what in unsupported if bad]
         if found:
             raise ValueError(
-                f"selfee's noise-aware loss is plain sigmoid DPO with label smoothing; it cannot run with {', '.join(found)}. "
-                "Remove these DPO options for a selfee run."
+                "selfee's noise-aware loss is plain sigmoid DPO with label smoothing; it cannot run with "
+                f"{', '.join(found)}. Remove these DPO options for a selfee run."
             )
 
     @override
@@ -163,6 +163,12 @@ class SelfeeDPOTrainer(AxolotlDPOTrainer):
             return self.ref_model(**model_kwargs).logits
 
     def _noise_aware_loss(self, model, inputs, return_outputs):
+        """SPA's self-refined DPO loss on one `[chosen; rejected]` batch.
+
+        Reference log-probs: the batch's `ref_chosen_logps`/`ref_rejected_logps` when present (the judged
+        log pi_{t-1}); otherwise one no-grad reference forward. That forward also runs when lambda > 0, since z~ needs
+        reference logits; with columns present and lambda = 0 there is no reference forward at all.
+        """
         mode = "train" if self.model.training else "eval"
         model_kwargs = {k: v for k, v in inputs.items() if k not in NON_MODEL_KEYS}
         model_kwargs["use_cache"] = False
@@ -193,7 +199,9 @@ class SelfeeDPOTrainer(AxolotlDPOTrainer):
 
         # SPA Eq. 8: de-coupled detection on the extrapolated policy; lambda = 0 gives pi~ = pi_theta.
         if extrapolation > 0:
-            ext_logps = compute_extrapolated_logps(shift_logits, ref_shift_logits, shift_labels, shift_mask, extrapolation)
+            ext_logps = compute_extrapolated_logps(
+                shift_logits, ref_shift_logits, shift_labels, shift_mask, extrapolation
+            )
             ext_chosen_logps, ext_rejected_logps = ext_logps.chunk(2, dim=0)  # (2B,) -> (B,), (B,)
         else:
             ext_chosen_logps, ext_rejected_logps = chosen_logps.detach(), rejected_logps.detach()
@@ -217,9 +225,10 @@ class SelfeeDPOTrainer(AxolotlDPOTrainer):
             if loss_type == "sigmoid":
                 loss += per_pair_loss.mean() * loss_weight
             else:  # "sft" (checked in begin_round): NLL of the chosen completions, as TRL computes it
-                chosen_mask = shift_mask[: len(shift_mask) // 2].bool()
-                chosen_logits, chosen_labels = shift_logits[: len(shift_logits) // 2], shift_labels[: len(shift_labels) // 2]
-                loss += F.cross_entropy(chosen_logits[chosen_mask], chosen_labels[chosen_mask]) * loss_weight
+                half = len(shift_mask) // 2
+                chosen_mask = shift_mask[:half].bool()
+                sft_loss = F.cross_entropy(shift_logits[:half][chosen_mask], shift_labels[:half][chosen_mask])
+                loss += sft_loss * loss_weight
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather(outputs.aux_loss.detach()).mean().item())
@@ -248,7 +257,8 @@ class SelfeeDPOTrainer(AxolotlDPOTrainer):
 
         # Mean logit over the vocabulary, averaged over completion tokens (TRL's logits/* definition).
         with torch.no_grad():
-            for name, logits, mask in zip(("chosen", "rejected"), shift_logits.chunk(2, dim=0), shift_mask.chunk(2, dim=0)):
+            halves = zip(("chosen", "rejected"), shift_logits.chunk(2, dim=0), shift_mask.chunk(2, dim=0))
+            for name, logits, mask in halves:
                 mask = mask.bool()
                 total = gather(logits[mask].mean(-1).sum().float().reshape(1)).sum()
                 count = gather(mask.sum().reshape(1)).sum()

@@ -9,7 +9,6 @@ import os
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.testing import assert_close
 
 BETA = 0.1
@@ -101,8 +100,8 @@ def test_upstream_contract(tiny_model, tiny_tokenizer, tiny_data_dir, tmp_path):
         assert hasattr(trainer, name), name
     assert list(inspect.signature(trainer._save_optimizer_and_scheduler).parameters) == ["output_dir"]
     assert list(inspect.signature(trainer._load_optimizer_and_scheduler).parameters) == ["checkpoint"]
-    for helper in (trl_utils.use_adapter, trl_utils.selective_log_softmax, trl_model_utils.disable_gradient_checkpointing):
-        assert callable(helper)
+    helpers = (trl_utils.use_adapter, trl_utils.selective_log_softmax, trl_model_utils.disable_gradient_checkpointing)
+    assert all(callable(helper) for helper in helpers)
     assert not trainer.refine_enabled  # TRL's loss until the round loop turns refinement on
 
 
@@ -121,10 +120,16 @@ def test_refine_config_accepted_as_model_or_dict(tiny_model, tiny_tokenizer, tin
         ({"smoothing": 0.0}, {}, False),  # alpha = 0 by config; reference by disabling the adapter
         ({"smoothing": 0.1, "extrapolation": 0.5, "warmup_ratio": 0.5}, {}, True),  # alpha = 0 in warmup, lambda > 0
         # precomputed ref columns on both sides, plus TRL's SFT term on the chosen responses
-        ({"smoothing": 0.0}, {"precompute_ref_log_probs": True, "loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5]}, False),
+        (
+            {"smoothing": 0.0},
+            {"precompute_ref_log_probs": True, "loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5]},
+            False,
+        ),
     ],
 )
-def test_alpha_zero_matches_trl_loss_and_grads(tiny_model, tiny_tokenizer, tiny_data_dir, tmp_path, refine, overrides, in_warmup):
+def test_alpha_zero_matches_trl_loss_and_grads(
+    tiny_model, tiny_tokenizer, tiny_data_dir, tmp_path, refine, overrides, in_warmup
+):
     refine = {"noisy_fraction": 0.3, "window": 8, **refine}
     trainer = _trainer(tiny_model, tiny_tokenizer, _pairs(tiny_data_dir), tmp_path, refine=refine, **overrides)
     batch = _batch(trainer)
@@ -224,7 +229,8 @@ def test_axolotl_pad_to_multiple_collator_is_replaced_and_keeps_ref_columns(
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
     axolotl_collator = AxolotlDPODataCollatorWithPadding(pad_token_id=tiny_tokenizer.pad_token_id, pad_to_multiple_of=8)
-    row = {"prompt_ids": [5, 6], "chosen_ids": [7], "rejected_ids": [8, 9], "ref_chosen_logps": -1.0, "ref_rejected_logps": -2.0}
+    row = {"prompt_ids": [5, 6], "chosen_ids": [7], "rejected_ids": [8, 9]}
+    row |= {"ref_chosen_logps": -1.0, "ref_rejected_logps": -2.0}
     upstream = axolotl_collator([row, row])
     assert "input_ids" not in upstream and "ref_chosen_logps" in upstream
 
