@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 from axolotl.integrations.base import BasePlugin
 from axolotl.utils.logging import get_logger
 
@@ -27,7 +25,7 @@ class SelfeePlugin(BasePlugin):
     def pre_model_load(self, cfg):
         # Load the prompt pool before any model, so a bad pool fails in seconds, not after loading weights.
         selfee = parse_selfee(cfg)
-        if selfee and selfee.round_sizes:
+        if selfee and selfee.round_sizes and self._pool is None:
             from .strategies import load_prompt_pool
 
             self._pool = load_prompt_pool(selfee, selfee.round_sizes)
@@ -38,19 +36,36 @@ class SelfeePlugin(BasePlugin):
         # setup_model_and_trainer); both pass through this hook, in that order.
         if not cfg.selfee:
             return
-        if self._model is None:
-            self._model = model
-        else:
+        if self._model is not None:
             self._model_ref = model
+            return
+        if cfg.adapter and cfg.lora_model_dir:
+            # For rl: dpo Axolotl 0.19 builds only a LoRA config (loaders/model.py `_load_adapters`, config_only)
+            # and TRL then adds a fresh adapter: the SFT adapter in lora_model_dir would be ignored. SELFEE starts
+            # from it, so load it trainable; TRL then copies it into its frozen `ref` adapter (= pi_init).
+            from peft import PeftModel
+
+            LOG.info(f"selfee: starting from the adapter in lora_model_dir={cfg.lora_model_dir}")
+            model = PeftModel.from_pretrained(model, cfg.lora_model_dir, is_trainable=True)
+        self._model = model
 
     def get_trainer_cls(self, cfg):
         if not cfg.selfee:
             return None
         from .trainer import SelfeeDPOTrainer
 
+        model, model_ref = self._model, self._model_ref
+
         # Axolotl 0.19's RL builder passes no model positionally to a plugin's trainer class (upstream PR #2883),
         # so the models captured in post_model_load are bound here.
-        return functools.partial(SelfeeDPOTrainer, self._model, self._model_ref, selfee_cfg=cfg)
+        def build_trainer(*args, **kwargs):
+            from peft import PeftModel
+
+            if isinstance(model, PeftModel):
+                kwargs.pop("peft_config", None)  # the adapter is already there; TRL refuses both
+            return SelfeeDPOTrainer(model, model_ref, *args, selfee_cfg=cfg, **kwargs)
+
+        return build_trainer
 
     def post_trainer_create(self, cfg, trainer):
         if cfg.selfee:

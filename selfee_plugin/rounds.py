@@ -88,7 +88,7 @@ class RoundRunner:
         self.root.mkdir(parents=True, exist_ok=True)
         self.state = self._load_state()
         self.judge_reference = self._init_judge_reference()
-        self.summary: list[dict] = []
+        self.last_output = None
 
     # ---- state and resume -------------------------------------------------------------------------------
 
@@ -199,7 +199,7 @@ class RoundRunner:
         self._set_schedule(epochs)
         trainer.begin_round(refine=refine)
         start = time.monotonic()
-        self.train_fn()
+        self.last_output = self.train_fn()
         return time.monotonic() - start
 
     def run_seed_round(self) -> None:
@@ -277,7 +277,6 @@ class RoundRunner:
 
     def _finish(self, round_idx: int, metrics: dict) -> None:
         self._mark_done(round_idx, metrics)
-        self.summary = [m for m in self.summary if m.get("selfee/round") != round_idx] + [metrics]
         _write_json(self.root / "summary.json", self._all_metrics())
         _fire(self.trainer, "on_selfee_round_end", round_idx=round_idx, metrics=metrics)
         shown = {k.split("/", 1)[1]: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()
@@ -308,6 +307,8 @@ class RoundRunner:
         LOG.info(f"selfee: all {len(chunks) + 1} rounds finished; summary in {self.root / 'summary.json'}")
 
 
-def run_rounds(trainer, train_fn) -> None:
-    """Entry point called from `SelfeeDPOTrainer.train`."""
-    RoundRunner(trainer, train_fn).run()
+def run_rounds(trainer, train_fn):
+    """Entry point called from `SelfeeDPOTrainer.train`; returns the last round's TrainOutput (None if all resumed)."""
+    runner = RoundRunner(trainer, train_fn)
+    runner.run()
+    return runner.last_output

@@ -95,13 +95,21 @@ class SelfeeDPOTrainer(AxolotlDPOTrainer):
         super().__init__(*args, **kwargs)
         self.axolotl_cfg = selfee_cfg
         self.selfee = selfee_cfg.selfee if selfee_cfg is not None else None
+        self.prompt_pool = None  # set by SelfeePlugin.post_trainer_create
         self.refine = _refine_config(self.selfee)
         self.noise_detector = NoiseDetector(window=self.refine.window, noisy_fraction=self.refine.noisy_fraction)
         self.refine_enabled = False
 
     @override
-    def train(self, *args, **kwargs):
-        return super().train(*args, **kwargs)
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """Run every SELFEE round (round 0 on the seed, then the self-annotation rounds); see `rounds.py`."""
+        from .rounds import run_rounds
+
+        if resume_from_checkpoint:
+            # Resume is per round (finished rounds and judged pairs under output_dir/selfee), not per HF checkpoint:
+            # a checkpoint belongs to one round's schedule and cannot restart the whole loop.
+            LOG.warning(f"selfee resumes from output_dir/selfee, not from the checkpoint {resume_from_checkpoint}")
+        return run_rounds(self, lambda: super(SelfeeDPOTrainer, self).train(*args, **kwargs))
 
     def begin_round(self, refine: bool) -> None:
         """Start a round: empty the noise window and choose the loss (TRL's DPO, or noise-aware when `refine`).

@@ -1,0 +1,446 @@
+"""Tests for selfee_plugin.judge: pair math, log-probs against TRL, references, persistence and resume."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import pytest
+import torch
+
+from selfee_plugin.args import SelfeeConfig
+from selfee_plugin.generation import format_completion, format_prompt, tokenize_completion
+from selfee_plugin.judge import (
+    SKIP_REASONS,
+    _score,
+    annotate,
+    completion_logps,
+    judge_accuracy,
+    judge_pairs,
+    load_judged_pairs,
+    read_judged_rows,
+    rows_from_messages,
+    summarize_judged_rows,
+    valid_responses,
+)
+
+BETA = 0.1
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+MESSAGES = [
+    [{"role": "user", "content": "sort 3 1 2"}],
+    [{"role": "user", "content": "hello world the numbers"}],
+    [{"role": "system", "content": "answer yes or no"}, {"role": "user", "content": "is 1 2"}],
+    [{"role": "user", "content": "sort 9"}],
+]
+ANSWERS = ["1 2 3", "yes", "no no no the a is", "9", "please answer", "a", "hello world 4 5 6 7 8", "the"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny matmuls on a shared 2-core machine run ~50x slower when torch's threads fight other processes.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _lora(model, seed=0, adapter_name="default"):
+    """Wrap `model` in LoRA and, with `seed`, give the B matrices random values so the adapter changes outputs."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS), adapter_name)
+    if seed is not None:
+        _randomize_lora_b(model, adapter_name, seed)
+    return model
+
+
+def _randomize_lora_b(model, adapter_name, seed):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if f"lora_B.{adapter_name}." in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+
+
+def _sequences(tokenizer, n=8):
+    prompts = [format_prompt(tokenizer, MESSAGES[i % len(MESSAGES)]) for i in range(n)]
+    return [tokenize_completion(tokenizer, p, format_completion(tokenizer, a)) for p, a in zip(prompts, ANSWERS[:n])]
+
+
+def _plain_logp(model, prompt_ids, completion_ids):
+    """Independent reference: one unpadded forward, log_softmax, gather, sum over completion positions."""
+    ids = torch.tensor([prompt_ids + completion_ids])
+    with torch.no_grad():
+        logprobs = model(input_ids=ids).logits[0].log_softmax(-1)
+    targets = ids[0, len(prompt_ids) :]
+    return logprobs[len(prompt_ids) - 1 : -1].gather(1, targets[:, None]).sum().item()
+
+
+# ----------------------------------------------------------------------------------------------- pure math
+
+
+def test_chosen_is_higher_reward_and_probability_is_sigmoid_beta_margin():
+    """r = pi - ref: row 0 -> [1, -1] (chosen 0, margin 2); row 1 -> [-0.5, 0.25] (chosen 1, margin 0.75)."""
+    policy = torch.tensor([[-1.0, -3.0], [-4.0, -2.0]])
+    ref = torch.tensor([[-2.0, -2.0], [-3.5, -2.25]])
+    out = judge_pairs(policy, ref, BETA)
+    assert out.chosen_index.tolist() == [0, 1] and out.rejected_index.tolist() == [1, 0]
+    torch.testing.assert_close(out.margins, torch.tensor([2.0, 0.75], dtype=torch.float64))
+    torch.testing.assert_close(out.probabilities, torch.sigmoid(BETA * torch.tensor([2.0, 0.75], dtype=torch.float64)))
+    assert out.paired.all() and not out.tied.any()
+
+
+def test_length_normalized_reward_is_per_token_mean():
+    """Summed r = [2, 3] picks 1; per token (lengths 2, 6) r = [1, 0.5] picks 0 with margin 0.5."""
+    policy, ref, lengths = torch.tensor([[2.0, 3.0]]), torch.zeros(1, 2), torch.tensor([[2, 6]])
+    assert judge_pairs(policy, ref, BETA, completion_lengths=lengths).chosen_index.item() == 1
+    out = judge_pairs(policy, ref, BETA, completion_lengths=lengths, length_normalize=True)
+    assert out.chosen_index.item() == 0
+    torch.testing.assert_close(out.margins, torch.tensor([0.5], dtype=torch.float64))
+
+
+def test_ties_empty_and_identical_are_counted_not_paired():
+    """Row 0 ties exactly (r = [1, 1]); row 1 has an empty answer; row 2 two identical answers; n=4 rows survive a
+    duplicate or an empty answer as long as two distinct non-empty answers remain."""
+    valid, reasons = valid_responses([["a b", "c"], ["a", ""], ["same", "same"]])
+    assert reasons == [None, "empty_response", "identical_responses"]
+    assert valid.tolist() == [[True, True], [True, False], [True, False]]
+    out = judge_pairs(torch.tensor([[0.0, 0.0], [5.0, 0.0], [5.0, 0.0]]), torch.tensor([[-1.0, -1.0]] * 3), BETA, valid)
+    assert out.tied.tolist() == [True, False, False]
+    assert out.paired.tolist() == [False, False, False]
+    assert out.chosen_index.tolist() == [-1, -1, -1]
+
+    valid, reasons = valid_responses([["x", "x", "", "y"], ["", "", "", "z"], ["q", "q", "q", "q"]])
+    assert reasons == [None, "empty_response", "identical_responses"]
+    assert valid[0].tolist() == [True, False, False, True]
+    # The duplicate at index 1 holds the highest reward but is not a valid candidate.
+    out = judge_pairs(torch.tensor([[1.0, 9.0, 9.0, 0.0]]), torch.zeros(1, 4), BETA, valid[:1])
+    assert (out.chosen_index.item(), out.rejected_index.item()) == (0, 3)
+
+
+def test_best_worst_vs_best_random_with_four_answers():
+    """r = [3, 1, 0, 2]: best_worst pairs (0, 2); best_random pairs 0 with each of 1, 2, 3, never with itself;
+    an answer tied with the best (r = [3, 3, 1, 1]) is never its partner."""
+    policy, ref = torch.tensor([[3.0, 1.0, 0.0, 2.0]]), torch.zeros(1, 4)
+    out = judge_pairs(policy, ref, BETA, pairing="best_worst")
+    assert (out.chosen_index.item(), out.rejected_index.item()) == (0, 2)
+    torch.testing.assert_close(out.probabilities, torch.sigmoid(torch.tensor([BETA * 3.0], dtype=torch.float64)))
+    gen = torch.Generator().manual_seed(0)
+    partners = {judge_pairs(policy, ref, BETA, pairing="best_random", generator=gen).rejected_index.item()
+                for _ in range(60)}
+    assert partners == {1, 2, 3}
+    first = judge_pairs(policy, ref, BETA, pairing="best_random", generator=torch.Generator().manual_seed(7))
+    again = judge_pairs(policy, ref, BETA, pairing="best_random", generator=torch.Generator().manual_seed(7))
+    assert first.rejected_index.item() == again.rejected_index.item()
+    tied = torch.tensor([[3.0, 3.0, 1.0, 1.0]])
+    for _ in range(20):
+        out = judge_pairs(tied, ref, BETA, pairing="best_random", generator=gen)
+        assert out.chosen_index.item() == 0 and out.rejected_index.item() in (2, 3)
+
+
+# ----------------------------------------------------------------------------------------------- log-probs
+
+
+def test_judged_logps_equal_plain_forward(tiny_model, tiny_tokenizer):
+    sequences = _sequences(tiny_tokenizer, 3)
+    logps, lengths = completion_logps(tiny_model, sequences, batch_size=2, pad_token_id=tiny_tokenizer.pad_token_id)
+    expected = torch.tensor([_plain_logp(tiny_model, p, c) for p, c in sequences])
+    torch.testing.assert_close(logps, expected, atol=1e-4, rtol=0)
+    assert lengths.tolist() == [len(c) for _, c in sequences]
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_padding_does_not_change_logps(tiny_model, tiny_tokenizer, padding_side):
+    sequences = _sequences(tiny_tokenizer, 8)
+    assert len({sum(map(len, s)) for s in sequences}) > 3  # the batch really is padded
+    pad_id = tiny_tokenizer.pad_token_id
+    batched, _ = completion_logps(tiny_model, sequences, 8, pad_id, padding_side=padding_side)
+    alone = torch.cat([completion_logps(tiny_model, [s], 1, pad_id)[0] for s in sequences])
+    torch.testing.assert_close(batched, alone, atol=1e-4, rtol=0)
+
+
+def _dpo_trainer(model, tokenizer, tmp_path, dataset):
+    from axolotl.core.trainers.dpo.args import AxolotlDPOConfig
+    from axolotl.core.trainers.dpo.trainer import AxolotlDPOTrainer
+    from peft import LoraConfig
+
+    args = AxolotlDPOConfig(
+        output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False, beta=BETA, max_length=128,
+        per_device_train_batch_size=2, remove_unused_columns=False, save_strategy="no", disable_tqdm=True,
+    )
+    return AxolotlDPOTrainer(
+        model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS),
+    )
+
+
+def test_judged_logps_equal_trl_dpo_reference_logps(tiny_model, tiny_tokenizer, tmp_path):
+    """Our formatted pair, prepared and scored by a real AxolotlDPOTrainer, gives the judge's log-probs: pi_init
+    (adapters off), a `ref` adapter by name, and pi_cur (scored by TRL through a `ref` copy of the policy)."""
+    from datasets import Dataset
+
+    prompt = format_prompt(tiny_tokenizer, MESSAGES[2])
+    chosen, rejected = (format_completion(tiny_tokenizer, a) for a in ("yes 1 2", "no"))
+    pair = Dataset.from_list([{"prompt": prompt, "chosen": chosen, "rejected": rejected}])
+    trainer = _dpo_trainer(tiny_model, tiny_tokenizer, tmp_path, pair)
+    model, tok = trainer.model, tiny_tokenizer
+    prepared = trainer._prepare_dataset(pair, tok, trainer.args, "judged")[0]
+    ours = [tokenize_completion(tok, prompt, c) for c in (chosen, rejected)]
+    assert [prepared["prompt_ids"], prepared["chosen_ids"]] == list(ours[0])
+    assert prepared["rejected_ids"] == ours[1][1]
+
+    def trl_ref_logps():
+        chosen_logp, rejected_logp = trainer.compute_ref_log_probs(model, trainer.data_collator([prepared]))
+        return torch.cat([chosen_logp, rejected_logp]).cpu()
+
+    _randomize_lora_b(model, "default", seed=1)
+    policy, ref, _, _ = _score(model, tok, ours, None, 2, None)
+    torch.testing.assert_close(ref, trl_ref_logps(), atol=1e-4, rtol=0)
+    assert not torch.allclose(policy, ref, atol=1e-3)
+
+    # TRL switches to an adapter named `ref` when one exists: as the policy's copy it scores pi_cur.
+    from peft import LoraConfig
+
+    model.add_adapter("ref", LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS))
+    with torch.no_grad():
+        params = dict(model.named_parameters())
+        for name, p in params.items():
+            if ".ref." in name:
+                p.copy_(params[name.replace(".ref.", ".default.")])
+    torch.testing.assert_close(policy, trl_ref_logps(), atol=1e-4, rtol=0)
+    _randomize_lora_b(model, "ref", seed=2)
+    _, by_name, _, _ = _score(model, tok, ours, "ref", 2, None)
+    torch.testing.assert_close(by_name, trl_ref_logps(), atol=1e-4, rtol=0)
+    assert model.active_adapter == "default"
+
+
+def test_double_bos_tokenization_follows_trl(tiny_tokenizer, tiny_model, tmp_path):
+    """A template that writes BOS plus a tokenizer that adds one: TRL 1.9 keeps both (Axolotl's `_tokenize` fix is
+    never called), and so do we, so judged log-probs still match training."""
+    from datasets import Dataset
+    from tokenizers.processors import TemplateProcessing
+
+    tok = tiny_tokenizer.__class__.from_pretrained(tiny_tokenizer.name_or_path)
+    tok._tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)])
+    tok.chat_template = "{{ bos_token }}" + tok.chat_template
+    prompt = format_prompt(tok, MESSAGES[0])
+    pair = Dataset.from_list([{"prompt": prompt, "chosen": "1 2 3 <|end|>", "rejected": "3 <|end|>"}])
+    trainer = _dpo_trainer(tiny_model, tok, tmp_path, pair)
+    prepared = trainer._prepare_dataset(pair, tok, trainer.args, "judged")[0]
+    assert prepared["prompt_ids"][:2] == [tok.bos_token_id] * 2
+    assert (prepared["prompt_ids"], prepared["chosen_ids"]) == tokenize_completion(tok, prompt, "1 2 3 <|end|>")
+
+
+def test_adapters_disabled_equal_base_and_a_step_changes_policy(tiny_model, tiny_model_dir, tiny_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype="float32")
+    model = _lora(tiny_model, seed=None)
+    sequences = _sequences(tiny_tokenizer, 4)
+    policy, ref, _, _ = _score(model, tiny_tokenizer, sequences, None, 4, None)
+    bare, _ = completion_logps(base, sequences, 4, tiny_tokenizer.pad_token_id)
+    torch.testing.assert_close(ref, bare, atol=1e-5, rtol=0)
+    torch.testing.assert_close(policy, bare, atol=1e-5, rtol=0)  # B = 0: the fresh adapter is the identity
+
+    model.train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    ids = torch.tensor([sequences[0][0] + sequences[0][1]])
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    assert all(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+    stepped, ref_after, _, _ = _score(model, tiny_tokenizer, sequences, None, 4, None)
+    torch.testing.assert_close(ref_after, bare, atol=1e-5, rtol=0)
+    assert (stepped - bare).abs().max() > 1e-3
+    assert model.training  # restored after judging
+
+
+def test_module_reference_is_scored_as_given(tiny_model, tiny_model_dir, tiny_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype="float32")
+    with torch.no_grad():
+        reference.lm_head.weight.mul_(2.0)
+    sequences = _sequences(tiny_tokenizer, 3)
+    policy, ref, _, _ = _score(tiny_model, tiny_tokenizer, sequences, reference, 2, None)
+    torch.testing.assert_close(ref, torch.tensor([_plain_logp(reference, p, c) for p, c in sequences]), atol=1e-4,
+                               rtol=0)
+    torch.testing.assert_close(policy, torch.tensor([_plain_logp(tiny_model, p, c) for p, c in sequences]),
+                               atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="needs a PEFT model"):
+        _score(tiny_model, tiny_tokenizer, sequences, None, 2, None)
+
+
+@pytest.mark.parametrize("reference", [None, "ref"])
+def test_judging_under_lora_copies_no_base_weight(tiny_model, tiny_tokenizer, reference):
+    """Watch every aten op while judging: none may turn a base weight into a fresh tensor of its shape (a clone, a
+    dtype copy, W + BA) or write into one (merging the adapter); parameters keep their storage and flags."""
+    from peft import LoraConfig
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    model = _lora(tiny_model, seed=0)
+    model.add_adapter("ref", LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS))
+    base = {p.untyped_storage().data_ptr(): p for n, p in model.named_parameters() if "lora_" not in n}
+    before = [(n, p.data_ptr(), p.requires_grad) for n, p in model.named_parameters()]
+    matmuls = {"mm", "addmm", "bmm", "matmul", "linear", "embedding"}
+
+    class CopyWatch(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.copies = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket.__name__ in matmuls:
+                return out
+            inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+            weights = [base[t.untyped_storage().data_ptr()] for t in inputs if t.untyped_storage().data_ptr() in base]
+            for t in tree_leaves(out):
+                if not isinstance(t, torch.Tensor):
+                    continue
+                if t.untyped_storage().data_ptr() not in base and any(t.shape == w.shape for w in weights):
+                    self.copies.append(str(func))
+                elif t.untyped_storage().data_ptr() in base and func._schema.is_mutable:
+                    self.copies.append(f"in-place {func}")  # e.g. merging the adapter into W
+            return out
+
+    with CopyWatch() as watch:
+        _score(model, tiny_tokenizer, _sequences(tiny_tokenizer, 4), reference, 4, None)
+    assert watch.copies == []
+    assert [(n, p.data_ptr(), p.requires_grad) for n, p in model.named_parameters()] == before
+
+
+# ----------------------------------------------------------------------------------------------- annotation
+
+
+def _selfee_cfg(**judge):
+    return SelfeeConfig(
+        rounds=0, samples_per_prompt=2,
+        generation={"max_new_tokens": 6, "batch_size": 2, "temperature": 1.0},
+        judge={"batch_size": 4, **judge},
+    )
+
+
+def _prompts(k=6):
+    return [(f"p{i}", MESSAGES[i % len(MESSAGES)]) for i in range(k)]
+
+
+def test_annotate_writes_pairs_metrics_and_a_trainable_dataset(tiny_model, tiny_tokenizer, tmp_path):
+    model = _lora(tiny_model, seed=0)
+    path = str(tmp_path / "round_1" / "pairs.jsonl")
+    metrics = annotate(model, tiny_tokenizer, _prompts(6), _selfee_cfg(), BETA, path)
+    rows = read_judged_rows(path)
+    assert [r["prompt_id"] for r in rows] == [f"p{i}" for i in range(6)]
+    pairs = [r for r in rows if r["chosen_index"] is not None]
+    assert metrics["selfee/pairs"] == len(pairs) > 0
+    assert all(k.startswith("selfee/") and k == k.lower() and math.isfinite(v) for k, v in metrics.items())
+    for key in ("seconds_generate", "seconds_judge", "generation_tokens_per_second", "judge_tokens_per_second",
+                "margin_mean", "margin_std", "chosen_length_mean", "rejected_length_mean", "longer_chosen_fraction",
+                "distinct_2", *(f"skipped_{r}" for r in SKIP_REASONS)):
+        assert f"selfee/{key}" in metrics
+
+    row = pairs[0]
+    w, l = row["chosen_index"], row["rejected_index"]
+    assert row["rewards"][w] > row["rewards"][l]
+    assert row["probability"] == pytest.approx(1 / (1 + math.exp(-BETA * (row["rewards"][w] - row["rewards"][l]))))
+    assert row["completions"][w] == format_completion(tiny_tokenizer, row["responses"][w])
+    seq = tokenize_completion(tiny_tokenizer, row["prompt"], row["completions"][w])
+    assert row["policy_logps"][w] == pytest.approx(_plain_logp(model, *seq), abs=1e-4)
+    assert row["completion_lengths"][w] == len(seq[1])
+
+    dataset = load_judged_pairs(path)
+    assert dataset.column_names == ["prompt", "chosen", "rejected", "ref_chosen_logps", "ref_rejected_logps"]
+    assert len(dataset) == len(pairs)
+    assert dataset[0]["chosen"] == row["completions"][w] and dataset[0]["rejected"] == row["completions"][l]
+    assert dataset[0]["ref_chosen_logps"] == row["policy_logps"][w]
+    assert dataset[0]["ref_rejected_logps"] == row["policy_logps"][l]
+    assert load_judged_pairs(path, with_metadata=True)[0]["prompt_id"] == row["prompt_id"]
+
+
+def test_resume_after_a_crash_mid_judgment_loses_and_duplicates_nothing(tiny_model, tiny_tokenizer, tmp_path,
+                                                                        monkeypatch):
+    import selfee_plugin.judge as judge
+
+    model = _lora(tiny_model, seed=0)
+    cfg, prompts = _selfee_cfg(), _prompts(6)
+    clean = str(tmp_path / "clean.jsonl")
+    annotate(model, tiny_tokenizer, prompts, cfg, BETA, clean)
+
+    real, calls = judge.judge_responses, []
+
+    def crash_on_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("simulated crash")
+        return real(*args, **kwargs)
+
+    crashed = str(tmp_path / "crashed.jsonl")
+    monkeypatch.setattr(judge, "judge_responses", crash_on_second_batch)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        annotate(model, tiny_tokenizer, prompts, cfg, BETA, crashed)
+    monkeypatch.undo()
+    assert [r["prompt_id"] for r in read_judged_rows(crashed)] == ["p0", "p1"]
+    with open(crashed, "a") as f:
+        f.write('{"prompt_id": "p2", "messa')  # a row cut off mid-write
+
+    metrics = annotate(model, tiny_tokenizer, prompts, cfg, BETA, crashed)
+    assert metrics["selfee/prompts_resumed"] == 2
+    resumed, expected = read_judged_rows(crashed), read_judged_rows(clean)
+    assert [r["prompt_id"] for r in resumed] == [f"p{i}" for i in range(6)]
+    assert resumed == expected  # chunks are seeded by their first prompt id, so the resumed run samples the same
+    assert len(load_judged_pairs(crashed)) == len(load_judged_pairs(clean))
+    with open(crashed) as f:
+        assert all(json.loads(line) for line in f)
+
+
+def test_degenerate_answers_are_recorded_with_their_reason(tiny_model, tiny_tokenizer, tmp_path):
+    """A model that always says EOS gives empty answers; a LoRA-free policy gives r = 0 for every answer: ties."""
+    path = str(tmp_path / "empty.jsonl")
+    bias = torch.zeros(tiny_model.lm_head.out_features)
+    bias[tiny_tokenizer.eos_token_id] = 1e4
+    model = _lora(tiny_model, seed=None)
+    hook = tiny_model.lm_head.register_forward_hook(lambda m, a, logits: logits + bias)
+    metrics = annotate(model, tiny_tokenizer, _prompts(3), _selfee_cfg(), BETA, path)
+    hook.remove()
+    assert metrics["selfee/skipped_empty_response"] == 3 and metrics["selfee/pairs"] == 0
+    path = str(tmp_path / "ties.jsonl")
+    metrics = annotate(model, tiny_tokenizer, _prompts(3), _selfee_cfg(), BETA, path)
+    assert metrics["selfee/skipped_reward_tie"] == 3 and metrics["selfee/pairs"] == 0
+    assert len(load_judged_pairs(path)) == 0
+
+
+def test_length_bias_warning(caplog):
+    rows = [{"chosen_index": 0, "rejected_index": 1, "margin": 1.0, "probability": 0.52,
+             "completion_lengths": [9, 3], "responses": ["a b c", "d"], "skip_reason": None}] * 9
+    rows += [{"chosen_index": 1, "rejected_index": 0, "margin": 0.5, "probability": 0.51,
+              "completion_lengths": [9, 3], "responses": ["a b c", "d"], "skip_reason": None}]
+    with caplog.at_level(logging.WARNING, logger="selfee_plugin.judge"):
+        metrics = summarize_judged_rows(rows, length_bias_warning=0.8)
+    assert metrics["selfee/longer_chosen_fraction"] == pytest.approx(0.9)
+    assert metrics["selfee/chosen_length_mean"] == pytest.approx(8.4)
+    assert metrics["selfee/distinct_2"] == pytest.approx(0.1)  # 2 distinct bigrams ("a b", "b c") among 20
+    assert "longer response" in caplog.text and "main failure mode" in caplog.text
+    caplog.clear()
+    summarize_judged_rows(rows, length_bias_warning=0.95)
+    assert "longer response" not in caplog.text
+
+
+# ----------------------------------------------------------------------------------------------- judge accuracy
+
+
+def test_judge_accuracy_matches_the_reward_ordering(tiny_model, tiny_tokenizer, tiny_data_dir):
+    with open(f"{tiny_data_dir}/seed.jsonl") as f:
+        raw = [json.loads(line) for line in f][:6]
+    rows = rows_from_messages(raw, tiny_tokenizer)
+    assert rows[0]["prompt"] == format_prompt(tiny_tokenizer, raw[0]["messages"])
+    assert rows[0]["chosen"] == format_completion(tiny_tokenizer, raw[0]["chosen"]["content"])
+
+    model = _lora(tiny_model, seed=3)
+    sequences = [tokenize_completion(tiny_tokenizer, r["prompt"], r[k]) for r in rows for k in ("chosen", "rejected")]
+    policy, ref, _, _ = _score(model, tiny_tokenizer, sequences, None, 4, None)
+    rewards = (policy - ref).view(-1, 2)
+    expected = (rewards[:, 0] > rewards[:, 1]).float().mean().item()
+    assert judge_accuracy(model, tiny_tokenizer, rows, batch_size=4) == pytest.approx(expected)
+    flipped = [{**r, "chosen": r["rejected"], "rejected": r["chosen"]} for r in rows]
+    assert judge_accuracy(model, tiny_tokenizer, flipped) == pytest.approx(1 - expected)
