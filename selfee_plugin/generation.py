@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-from axolotl.utils.logging import get_logger
+from ._logging import get_logger
 from tqdm.auto import tqdm
 from trl.data_utils import _tokenize
 from trl.trainer.utils import pad
@@ -47,6 +47,40 @@ def format_completion(tokenizer, content: str, chat_template: str | None = None)
     if start < 0:
         start = rendered.find(content)
     return rendered[start:].rstrip()
+
+
+def format_preference_rows(
+    rows: list[dict],
+    tokenizer,
+    strategy: str = "chat_template.default",
+    ds_cfg: dict | None = None,
+    chat_template: str | None = None,
+) -> list[dict]:
+    """Format raw preference rows into prompt/chosen/rejected strings with one of Axolotl's own DPO strategies.
+
+    Args:
+        rows: raw dataset rows, e.g. messages/chosen/rejected for `chat_template.default`.
+        strategy: an Axolotl DPO `type:` (`chat_template.default`, `chatml.intel`, ...).
+        ds_cfg: the dataset entry's options (`field_messages`, `roles`, ...), as in Axolotl's `datasets:`.
+        chat_template: Jinja template overriding the tokenizer's.
+
+    Raises:
+        ValueError: Axolotl has no DPO strategy of that name.
+    """
+    import inspect
+
+    from axolotl.prompt_strategies.dpo import load as load_dpo_strategy
+    from axolotl.utils.dict import DictDefault
+
+    cfg = DictDefault({"datasets": [DictDefault(dict(ds_cfg or {}))]})
+    if chat_template is not None:
+        cfg.update(chat_template="jinja", chat_template_jinja=chat_template)
+    transform = load_dpo_strategy(strategy, cfg, dataset_idx=0)
+    if transform is None:
+        raise ValueError(f"{strategy!r} is not an Axolotl DPO dataset type (see the warning above for why).")
+    transform = transform[0] if isinstance(transform, tuple) else transform
+    kwargs = {"tokenizer": tokenizer} if "tokenizer" in inspect.signature(transform).parameters else {}
+    return [transform(dict(row), **kwargs) for row in rows]
 
 
 def tokenize_prompt(tokenizer, prompt: str) -> list[int]:
@@ -207,9 +241,9 @@ def generate_responses(
                 for row, (index, _) in enumerate(batch):
                     answers, finished = [], []
                     for ids in new_tokens[row * n : (row + 1) * n].tolist():
-                        stops = [k for k, tok in enumerate(ids) if tok in stop_ids]
-                        finished.append(bool(stops))
-                        ids = ids[: stops[0] + 1] if stops else ids
+                        stop = next((k for k, tok in enumerate(ids) if tok in stop_ids), None)
+                        finished.append(stop is not None)
+                        ids = ids if stop is None else ids[: stop + 1]
                         out.generated_tokens += len(ids)
                         answers.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
                     out.responses[index], out.finished[index] = answers, finished

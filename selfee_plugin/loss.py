@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from axolotl.utils.logging import get_logger
+from ._logging import get_logger
 from trl.trainer.utils import selective_log_softmax
 
 LOG = get_logger(__name__)

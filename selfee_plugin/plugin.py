@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from axolotl.integrations.base import BasePlugin
-from axolotl.utils.logging import get_logger
+from ._logging import get_logger
 
 from .args import parse_selfee
 

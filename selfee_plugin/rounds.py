@@ -28,8 +28,7 @@ import os
 import time
 from pathlib import Path
 
-import torch
-from axolotl.utils.logging import get_logger
+from ._logging import get_logger
 
 LOG = get_logger(__name__)
 
@@ -217,7 +216,7 @@ class RoundRunner:
         self._finish(0, metrics)
 
     def run_round(self, round_idx: int, prompts) -> None:
-        from .judge import annotate, load_judged_pairs
+        from .annotate import annotate, load_judged_pairs
 
         trainer, selfee = self.trainer, self.selfee
         if round_idx in self.state["completed"]:
@@ -238,6 +237,7 @@ class RoundRunner:
                 out_path=str(round_dir / "pairs.jsonl"),
                 reference=self.judge_reference,
                 seed=selfee.generation.seed + round_idx,
+                max_length=trainer.args.max_length,
             )
         )
         metrics.update(self.judge_accuracy())
@@ -267,6 +267,7 @@ class RoundRunner:
         accuracy = judge_accuracy(
             self.model, self.trainer.processing_class, rows, reference=self.judge_reference, beta=self.trainer.beta,
             batch_size=self.selfee.judge.batch_size, length_normalize=self.selfee.judge.length_normalize,
+            max_length=self.trainer.args.max_length,
         )
         return {"selfee/judge_accuracy": accuracy, "selfee/judge_eval_pairs": len(rows)}
 

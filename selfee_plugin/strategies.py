@@ -6,7 +6,7 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 
-from axolotl.utils.logging import get_logger
+from ._logging import get_logger
 
 LOG = get_logger(__name__)
 

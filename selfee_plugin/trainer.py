@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from accelerate.utils import is_peft_model
 from axolotl.core.trainers.dpo.trainer import AxolotlDPOTrainer
 from axolotl.utils.collators.dpo import AxolotlDPODataCollatorWithPadding
-from axolotl.utils.logging import get_logger
+from ._logging import get_logger
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import selective_log_softmax, use_adapter

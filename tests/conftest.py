@@ -132,3 +132,14 @@ def run_axolotl_train(cfg: dict, workdir, timeout: int = 600, check: bool = True
     if check and proc.returncode != 0:
         raise AssertionError(f"axolotl train failed ({proc.returncode}):\n{proc.output[-6000:]}")
     return proc
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    # Tiny matmuls on a shared 2-core machine run far slower when torch's threads fight other processes.
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -8,6 +8,7 @@ import torch
 from selfee_plugin.args import GenerationConfig
 from selfee_plugin.generation import (
     format_completion,
+    format_preference_rows,
     format_prompt,
     generate_responses,
     tokenize_completion,
@@ -115,6 +116,7 @@ def test_text_format_matches_axolotl_chat_template_default(tiny_tokenizer):
     assert format_completion(tiny_tokenizer, "no") == expected["rejected"]
     # Axolotl's find() hits the "a" inside "[[dummy_message]]"; ours cuts at the answer itself.
     assert format_completion(tiny_tokenizer, "a") == "a <|end|>"
+    assert format_preference_rows([row], tiny_tokenizer) == [expected]
 
 
 def test_tokenization_adds_eos_and_splits_at_prompt_length(tiny_tokenizer):

@@ -1,80 +1,23 @@
-"""Tests for selfee_plugin.judge: pair math, log-probs against TRL, references, persistence and resume."""
+"""Tests for selfee_plugin.judge: pair math, log-probs against TRL and references, judge accuracy."""
 
 from __future__ import annotations
 
 import json
-import logging
-import math
 
 import pytest
 import torch
 
-from selfee_plugin.args import SelfeeConfig
 from selfee_plugin.generation import format_completion, format_prompt, tokenize_completion
 from selfee_plugin.judge import (
-    SKIP_REASONS,
-    _score,
-    annotate,
     completion_logps,
     judge_accuracy,
     judge_pairs,
-    load_judged_pairs,
-    read_judged_rows,
-    rows_from_messages,
-    summarize_judged_rows,
+    load_eval_pairs,
+    score_sequences,
     valid_responses,
 )
 
-BETA = 0.1
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-MESSAGES = [
-    [{"role": "user", "content": "sort 3 1 2"}],
-    [{"role": "user", "content": "hello world the numbers"}],
-    [{"role": "system", "content": "answer yes or no"}, {"role": "user", "content": "is 1 2"}],
-    [{"role": "user", "content": "sort 9"}],
-]
-ANSWERS = ["1 2 3", "yes", "no no no the a is", "9", "please answer", "a", "hello world 4 5 6 7 8", "the"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matmuls on a shared 2-core machine run ~50x slower when torch's threads fight other processes.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _lora(model, seed=0, adapter_name="default"):
-    """Wrap `model` in LoRA and, with `seed`, give the B matrices random values so the adapter changes outputs."""
-    from peft import LoraConfig, get_peft_model
-
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS), adapter_name)
-    if seed is not None:
-        _randomize_lora_b(model, adapter_name, seed)
-    return model
-
-
-def _randomize_lora_b(model, adapter_name, seed):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if f"lora_B.{adapter_name}." in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-
-
-def _sequences(tokenizer, n=8):
-    prompts = [format_prompt(tokenizer, MESSAGES[i % len(MESSAGES)]) for i in range(n)]
-    return [tokenize_completion(tokenizer, p, format_completion(tokenizer, a)) for p, a in zip(prompts, ANSWERS[:n])]
-
-
-def _plain_logp(model, prompt_ids, completion_ids):
-    """Independent reference: one unpadded forward, log_softmax, gather, sum over completion positions."""
-    ids = torch.tensor([prompt_ids + completion_ids])
-    with torch.no_grad():
-        logprobs = model(input_ids=ids).logits[0].log_softmax(-1)
-    targets = ids[0, len(prompt_ids) :]
-    return logprobs[len(prompt_ids) - 1 : -1].gather(1, targets[:, None]).sum().item()
+from helpers import BETA, LORA_TARGETS, MESSAGES, _dpo_trainer, _lora, _plain_logp, _randomize_lora_b, _sequences
 
 
 # ----------------------------------------------------------------------------------------------- pure math
@@ -160,21 +103,6 @@ def test_padding_does_not_change_logps(tiny_model, tiny_tokenizer, padding_side)
     torch.testing.assert_close(batched, alone, atol=1e-4, rtol=0)
 
 
-def _dpo_trainer(model, tokenizer, tmp_path, dataset):
-    from axolotl.core.trainers.dpo.args import AxolotlDPOConfig
-    from axolotl.core.trainers.dpo.trainer import AxolotlDPOTrainer
-    from peft import LoraConfig
-
-    args = AxolotlDPOConfig(
-        output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False, beta=BETA, max_length=128,
-        per_device_train_batch_size=2, remove_unused_columns=False, save_strategy="no", disable_tqdm=True,
-    )
-    return AxolotlDPOTrainer(
-        model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS),
-    )
-
-
 def test_judged_logps_equal_trl_dpo_reference_logps(tiny_model, tiny_tokenizer, tmp_path):
     """Our formatted pair, prepared and scored by a real AxolotlDPOTrainer, gives the judge's log-probs: pi_init
     (adapters off), a `ref` adapter by name, and pi_cur (scored by TRL through a `ref` copy of the policy)."""
@@ -195,7 +123,7 @@ def test_judged_logps_equal_trl_dpo_reference_logps(tiny_model, tiny_tokenizer, 
         return torch.cat([chosen_logp, rejected_logp]).cpu()
 
     _randomize_lora_b(model, "default", seed=1)
-    policy, ref, _, _ = _score(model, tok, ours, None, 2, None)
+    policy, ref, _, _ = score_sequences(model, tok, ours, None, 2, None)
     torch.testing.assert_close(ref, trl_ref_logps(), atol=1e-4, rtol=0)
     assert not torch.allclose(policy, ref, atol=1e-3)
 
@@ -210,7 +138,7 @@ def test_judged_logps_equal_trl_dpo_reference_logps(tiny_model, tiny_tokenizer, 
                 p.copy_(params[name.replace(".ref.", ".default.")])
     torch.testing.assert_close(policy, trl_ref_logps(), atol=1e-4, rtol=0)
     _randomize_lora_b(model, "ref", seed=2)
-    _, by_name, _, _ = _score(model, tok, ours, "ref", 2, None)
+    _, by_name, _, _ = score_sequences(model, tok, ours, "ref", 2, None)
     torch.testing.assert_close(by_name, trl_ref_logps(), atol=1e-4, rtol=0)
     assert model.active_adapter == "default"
 
@@ -238,7 +166,7 @@ def test_adapters_disabled_equal_base_and_a_step_changes_policy(tiny_model, tiny
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype="float32")
     model = _lora(tiny_model, seed=None)
     sequences = _sequences(tiny_tokenizer, 4)
-    policy, ref, _, _ = _score(model, tiny_tokenizer, sequences, None, 4, None)
+    policy, ref, _, _ = score_sequences(model, tiny_tokenizer, sequences, None, 4, None)
     bare, _ = completion_logps(base, sequences, 4, tiny_tokenizer.pad_token_id)
     torch.testing.assert_close(ref, bare, atol=1e-5, rtol=0)
     torch.testing.assert_close(policy, bare, atol=1e-5, rtol=0)  # B = 0: the fresh adapter is the identity
@@ -249,7 +177,7 @@ def test_adapters_disabled_equal_base_and_a_step_changes_policy(tiny_model, tiny
     model(input_ids=ids, labels=ids).loss.backward()
     optimizer.step()
     assert all(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
-    stepped, ref_after, _, _ = _score(model, tiny_tokenizer, sequences, None, 4, None)
+    stepped, ref_after, _, _ = score_sequences(model, tiny_tokenizer, sequences, None, 4, None)
     torch.testing.assert_close(ref_after, bare, atol=1e-5, rtol=0)
     assert (stepped - bare).abs().max() > 1e-3
     assert model.training  # restored after judging
@@ -262,13 +190,13 @@ def test_module_reference_is_scored_as_given(tiny_model, tiny_model_dir, tiny_to
     with torch.no_grad():
         reference.lm_head.weight.mul_(2.0)
     sequences = _sequences(tiny_tokenizer, 3)
-    policy, ref, _, _ = _score(tiny_model, tiny_tokenizer, sequences, reference, 2, None)
+    policy, ref, _, _ = score_sequences(tiny_model, tiny_tokenizer, sequences, reference, 2, None)
     torch.testing.assert_close(ref, torch.tensor([_plain_logp(reference, p, c) for p, c in sequences]), atol=1e-4,
                                rtol=0)
     torch.testing.assert_close(policy, torch.tensor([_plain_logp(tiny_model, p, c) for p, c in sequences]),
                                atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="needs a PEFT model"):
-        _score(tiny_model, tiny_tokenizer, sequences, None, 2, None)
+        score_sequences(tiny_model, tiny_tokenizer, sequences, None, 2, None)
 
 
 @pytest.mark.parametrize("reference", [None, "ref"])
@@ -306,141 +234,45 @@ def test_judging_under_lora_copies_no_base_weight(tiny_model, tiny_tokenizer, re
             return out
 
     with CopyWatch() as watch:
-        _score(model, tiny_tokenizer, _sequences(tiny_tokenizer, 4), reference, 4, None)
+        score_sequences(model, tiny_tokenizer, _sequences(tiny_tokenizer, 4), reference, 4, None)
     assert watch.copies == []
     assert [(n, p.data_ptr(), p.requires_grad) for n, p in model.named_parameters()] == before
-
-
-# ----------------------------------------------------------------------------------------------- annotation
-
-
-def _selfee_cfg(**judge):
-    return SelfeeConfig(
-        rounds=0, samples_per_prompt=2,
-        generation={"max_new_tokens": 6, "batch_size": 2, "temperature": 1.0},
-        judge={"batch_size": 4, **judge},
-    )
-
-
-def _prompts(k=6):
-    return [(f"p{i}", MESSAGES[i % len(MESSAGES)]) for i in range(k)]
-
-
-def test_annotate_writes_pairs_metrics_and_a_trainable_dataset(tiny_model, tiny_tokenizer, tmp_path):
-    model = _lora(tiny_model, seed=0)
-    path = str(tmp_path / "round_1" / "pairs.jsonl")
-    metrics = annotate(model, tiny_tokenizer, _prompts(6), _selfee_cfg(), BETA, path)
-    rows = read_judged_rows(path)
-    assert [r["prompt_id"] for r in rows] == [f"p{i}" for i in range(6)]
-    pairs = [r for r in rows if r["chosen_index"] is not None]
-    assert metrics["selfee/pairs"] == len(pairs) > 0
-    assert all(k.startswith("selfee/") and k == k.lower() and math.isfinite(v) for k, v in metrics.items())
-    for key in ("seconds_generate", "seconds_judge", "generation_tokens_per_second", "judge_tokens_per_second",
-                "margin_mean", "margin_std", "chosen_length_mean", "rejected_length_mean", "longer_chosen_fraction",
-                "distinct_2", *(f"skipped_{r}" for r in SKIP_REASONS)):
-        assert f"selfee/{key}" in metrics
-
-    row = pairs[0]
-    w, l = row["chosen_index"], row["rejected_index"]
-    assert row["rewards"][w] > row["rewards"][l]
-    assert row["probability"] == pytest.approx(1 / (1 + math.exp(-BETA * (row["rewards"][w] - row["rewards"][l]))))
-    assert row["completions"][w] == format_completion(tiny_tokenizer, row["responses"][w])
-    seq = tokenize_completion(tiny_tokenizer, row["prompt"], row["completions"][w])
-    assert row["policy_logps"][w] == pytest.approx(_plain_logp(model, *seq), abs=1e-4)
-    assert row["completion_lengths"][w] == len(seq[1])
-
-    dataset = load_judged_pairs(path)
-    assert dataset.column_names == ["prompt", "chosen", "rejected", "ref_chosen_logps", "ref_rejected_logps"]
-    assert len(dataset) == len(pairs)
-    assert dataset[0]["chosen"] == row["completions"][w] and dataset[0]["rejected"] == row["completions"][l]
-    assert dataset[0]["ref_chosen_logps"] == row["policy_logps"][w]
-    assert dataset[0]["ref_rejected_logps"] == row["policy_logps"][l]
-    assert load_judged_pairs(path, with_metadata=True)[0]["prompt_id"] == row["prompt_id"]
-
-
-def test_resume_after_a_crash_mid_judgment_loses_and_duplicates_nothing(tiny_model, tiny_tokenizer, tmp_path,
-                                                                        monkeypatch):
-    import selfee_plugin.judge as judge
-
-    model = _lora(tiny_model, seed=0)
-    cfg, prompts = _selfee_cfg(), _prompts(6)
-    clean = str(tmp_path / "clean.jsonl")
-    annotate(model, tiny_tokenizer, prompts, cfg, BETA, clean)
-
-    real, calls = judge.judge_responses, []
-
-    def crash_on_second_batch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("simulated crash")
-        return real(*args, **kwargs)
-
-    crashed = str(tmp_path / "crashed.jsonl")
-    monkeypatch.setattr(judge, "judge_responses", crash_on_second_batch)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        annotate(model, tiny_tokenizer, prompts, cfg, BETA, crashed)
-    monkeypatch.undo()
-    assert [r["prompt_id"] for r in read_judged_rows(crashed)] == ["p0", "p1"]
-    with open(crashed, "a") as f:
-        f.write('{"prompt_id": "p2", "messa')  # a row cut off mid-write
-
-    metrics = annotate(model, tiny_tokenizer, prompts, cfg, BETA, crashed)
-    assert metrics["selfee/prompts_resumed"] == 2
-    resumed, expected = read_judged_rows(crashed), read_judged_rows(clean)
-    assert [r["prompt_id"] for r in resumed] == [f"p{i}" for i in range(6)]
-    assert resumed == expected  # chunks are seeded by their first prompt id, so the resumed run samples the same
-    assert len(load_judged_pairs(crashed)) == len(load_judged_pairs(clean))
-    with open(crashed) as f:
-        assert all(json.loads(line) for line in f)
-
-
-def test_degenerate_answers_are_recorded_with_their_reason(tiny_model, tiny_tokenizer, tmp_path):
-    """A model that always says EOS gives empty answers; a LoRA-free policy gives r = 0 for every answer: ties."""
-    path = str(tmp_path / "empty.jsonl")
-    bias = torch.zeros(tiny_model.lm_head.out_features)
-    bias[tiny_tokenizer.eos_token_id] = 1e4
-    model = _lora(tiny_model, seed=None)
-    hook = tiny_model.lm_head.register_forward_hook(lambda m, a, logits: logits + bias)
-    metrics = annotate(model, tiny_tokenizer, _prompts(3), _selfee_cfg(), BETA, path)
-    hook.remove()
-    assert metrics["selfee/skipped_empty_response"] == 3 and metrics["selfee/pairs"] == 0
-    path = str(tmp_path / "ties.jsonl")
-    metrics = annotate(model, tiny_tokenizer, _prompts(3), _selfee_cfg(), BETA, path)
-    assert metrics["selfee/skipped_reward_tie"] == 3 and metrics["selfee/pairs"] == 0
-    assert len(load_judged_pairs(path)) == 0
-
-
-def test_length_bias_warning(caplog):
-    rows = [{"chosen_index": 0, "rejected_index": 1, "margin": 1.0, "probability": 0.52,
-             "completion_lengths": [9, 3], "responses": ["a b c", "d"], "skip_reason": None}] * 9
-    rows += [{"chosen_index": 1, "rejected_index": 0, "margin": 0.5, "probability": 0.51,
-              "completion_lengths": [9, 3], "responses": ["a b c", "d"], "skip_reason": None}]
-    with caplog.at_level(logging.WARNING, logger="selfee_plugin.judge"):
-        metrics = summarize_judged_rows(rows, length_bias_warning=0.8)
-    assert metrics["selfee/longer_chosen_fraction"] == pytest.approx(0.9)
-    assert metrics["selfee/chosen_length_mean"] == pytest.approx(8.4)
-    assert metrics["selfee/distinct_2"] == pytest.approx(0.1)  # 2 distinct bigrams ("a b", "b c") among 20
-    assert "longer response" in caplog.text and "main failure mode" in caplog.text
-    caplog.clear()
-    summarize_judged_rows(rows, length_bias_warning=0.95)
-    assert "longer response" not in caplog.text
 
 
 # ----------------------------------------------------------------------------------------------- judge accuracy
 
 
-def test_judge_accuracy_matches_the_reward_ordering(tiny_model, tiny_tokenizer, tiny_data_dir):
+def test_eval_pairs_load_through_axolotl_strategies(tiny_tokenizer, tiny_data_dir, tmp_path):
     with open(f"{tiny_data_dir}/seed.jsonl") as f:
-        raw = [json.loads(line) for line in f][:6]
-    rows = rows_from_messages(raw, tiny_tokenizer)
+        raw = [json.loads(line) for line in f]
+    rows = load_eval_pairs({"path": f"{tiny_data_dir}/seed.jsonl", "type": "chat_template.default"}, tiny_tokenizer)
+    assert len(rows) == len(raw)
     assert rows[0]["prompt"] == format_prompt(tiny_tokenizer, raw[0]["messages"])
     assert rows[0]["chosen"] == format_completion(tiny_tokenizer, raw[0]["chosen"]["content"])
+    assert rows[0]["rejected"] == format_completion(tiny_tokenizer, raw[0]["rejected"]["content"])
+
+    formatted = tmp_path / "formatted.jsonl"
+    formatted.write_text("".join(json.dumps({k: r[k] for k in ("prompt", "chosen", "rejected")}) + "\n"
+                                 for r in rows))
+    assert load_eval_pairs({"path": str(formatted)}, tiny_tokenizer) == [
+        {k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows
+    ]
+    with pytest.raises(ValueError, match="row 0 has no prompt/chosen/rejected"):
+        load_eval_pairs({"path": f"{tiny_data_dir}/seed.jsonl"}, tiny_tokenizer)
+    with pytest.raises(ValueError, match="not an Axolotl DPO dataset type"):
+        load_eval_pairs({"path": f"{tiny_data_dir}/seed.jsonl", "type": "no_such.strategy"}, tiny_tokenizer)
+
+
+def test_judge_accuracy_matches_the_reward_ordering(tiny_model, tiny_tokenizer, tiny_data_dir):
+    rows = load_eval_pairs({"path": f"{tiny_data_dir}/seed.jsonl", "type": "chat_template.default"}, tiny_tokenizer)
 
     model = _lora(tiny_model, seed=3)
     sequences = [tokenize_completion(tiny_tokenizer, r["prompt"], r[k]) for r in rows for k in ("chosen", "rejected")]
-    policy, ref, _, _ = _score(model, tiny_tokenizer, sequences, None, 4, None)
+    policy, ref, _, _ = score_sequences(model, tiny_tokenizer, sequences, None, 4, None)
     rewards = (policy - ref).view(-1, 2)
     expected = (rewards[:, 0] > rewards[:, 1]).float().mean().item()
-    assert judge_accuracy(model, tiny_tokenizer, rows, batch_size=4) == pytest.approx(expected)
+    assert judge_accuracy(model, tiny_tokenizer, rows, beta=BETA, batch_size=4) == pytest.approx(expected)
     flipped = [{**r, "chosen": r["rejected"], "rejected": r["chosen"]} for r in rows]
-    assert judge_accuracy(model, tiny_tokenizer, flipped) == pytest.approx(1 - expected)
+    # Seed rows whose numbers are already sorted have chosen == rejected: a tie, wrong both ways round.
+    flipped_expected = (rewards[:, 1] > rewards[:, 0]).float().mean().item()
+    assert judge_accuracy(model, tiny_tokenizer, flipped) == pytest.approx(flipped_expected)

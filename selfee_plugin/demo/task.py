@@ -105,13 +105,13 @@ def noisy_sort(numbers: list[int], noise: float, rng: random.Random) -> list[int
     return answer
 
 
-def make_demonstration(prompt: str, rng: random.Random, max_noise: float) -> dict:
-    """One noisy SFT demonstration in chat format; its noise level is drawn uniformly from [0, max_noise].
+def make_demonstration(prompt: str, rng: random.Random, min_noise: float = 0.0, max_noise: float = 1.0) -> dict:
+    """One noisy SFT demonstration in chat format; its noise level is drawn uniformly from [min_noise, max_noise].
 
     A per-demonstration noise level (rather than one global rate) makes some answers clean and some
     sloppy, so the model trained on them varies in quality from sample to sample.
     """
-    answer = noisy_sort(parse_prompt(prompt), rng.uniform(0.0, max_noise), rng)
+    answer = noisy_sort(parse_prompt(prompt), rng.uniform(min_noise, max_noise), rng)
     return {
         "messages": [
             {"role": "user", "content": prompt},

@@ -1,0 +1,18 @@
+"""Built-in demo task (sorting numbers, programmatic gold score): build it, then evaluate policies on it."""
+
+from .task import gold_score
+
+__all__ = ["build_demo", "evaluate_policy", "gold_score", "load_policy", "score_pairs_accuracy"]
+
+
+def __getattr__(name):
+    # build/evaluate import torch and Axolotl; load them on first use so `gold_score` stays a cheap import.
+    if name == "build_demo":
+        from .build import build_demo
+
+        return build_demo
+    if name in ("evaluate_policy", "load_policy", "score_pairs_accuracy"):
+        from . import evaluate
+
+        return getattr(evaluate, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

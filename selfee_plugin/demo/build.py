@@ -1,0 +1,311 @@
+"""Build the demo: a tokenizer, a tiny SFT Llama trained from scratch on noisy sorts, and the data files."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import statistics
+import time
+
+from .._logging import get_logger
+
+from .evaluate import MAX_NEW_TOKENS, TEMPERATURE, sample_responses
+from .task import NUM_ITEMS, NUM_VALUES, gold_score, make_demonstration, sample_prompts, vocabulary
+
+LOG = get_logger(__name__)
+
+# Bump when anything that changes the built files changes (task, training, sampling); a cached build whose
+# stamp differs is rebuilt.
+DEMO_VERSION = 1
+STAMP_FILE = "demo_stamp.json"
+FILES = {
+    "sft_model": "sft_model",
+    "seed": "seed.jsonl",
+    "prompts": "prompts.jsonl",
+    "eval_prompts": "eval_prompts.jsonl",
+    "eval_pairs": "eval_pairs.jsonl",
+    "gold_pairs": "gold_pairs.jsonl",
+}
+# A small Llama: big enough to learn sorting five numbers in about a minute on 2 CPU cores, small enough that
+# a SELFEE round (generate, judge, train) stays in seconds.
+MODEL_KWARGS = {
+    "hidden_size": 64,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 64,
+}
+
+
+def _defaults(**overrides) -> dict:
+    params = {
+        "seed": 0,
+        "num_pool": 2000,
+        "num_seed_pairs": 96,
+        "num_eval": 200,
+        "num_eval_pairs": 200,
+        "num_references": 4,
+        "train_steps": 600,
+        "batch_size": 128,
+        "learning_rate": 3e-3,
+        "min_noise": 0.0,
+        "max_noise": 1.0,
+        "temperature": TEMPERATURE,
+        "max_new_tokens": MAX_NEW_TOKENS,
+        "num_items": NUM_ITEMS,
+        "num_values": NUM_VALUES,
+        "model": MODEL_KWARGS,
+    }
+    unknown = set(overrides) - set(params)
+    if unknown:
+        raise ValueError(f"unknown build_demo parameter(s) {sorted(unknown)}; known: {sorted(params)}")
+    params.update(overrides)
+    return params
+
+
+def _encode_demonstrations(tokenizer, conversations: list[list[dict]]):
+    """Chat-template token ids and SFT labels: loss on the answer and its EOS only, as Axolotl's SFT masks it."""
+    import torch
+
+    texts = tokenizer.apply_chat_template(conversations, tokenize=False)
+    enc = tokenizer(texts, return_tensors="pt", padding=True)  # right padding: labels are masked below anyway
+    ids = enc["input_ids"]  # (B, T)
+    assistant = tokenizer.convert_tokens_to_ids("<|assistant|>")
+    # every token up to and including the assistant header is prompt; everything after is the answer
+    in_prompt = (ids == assistant).int().cumsum(1) == 0
+    in_prompt |= ids == assistant
+    labels = ids.masked_fill(in_prompt | (enc["attention_mask"] == 0), -100)
+    return ids, enc["attention_mask"], labels
+
+
+def train_sft(model, tokenizer, params: dict, exclude: set[str]) -> list[float]:
+    """Train `model` from scratch on freshly drawn noisy demonstrations (AdamW, warmup then linear decay).
+
+    Args:
+        model: the randomly initialised Llama.
+        tokenizer: the demo tokenizer.
+        params: build parameters (`train_steps`, `batch_size`, `learning_rate`, `min_noise`, `max_noise`, ...).
+        exclude: held-out prompts; demonstrations never use them, so seed/pool/eval prompts are unseen in SFT.
+
+    Returns:
+        The training loss of every step.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    rng = random.Random(params["seed"] + 1)
+    steps, lr = params["train_steps"], params["learning_rate"]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
+    warmup = max(1, steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / (steps - warmup)))
+    )
+    model.train()
+    losses = []
+    progress = tqdm(range(steps), desc="training SFT model", leave=False)
+    for _ in progress:
+        prompts = sample_prompts(rng, params["batch_size"], exclude=set(exclude), num_items=params["num_items"],
+                                 num_values=params["num_values"])
+        noise = (params["min_noise"], params["max_noise"])
+        conversations = [make_demonstration(p, rng, *noise)["messages"] for p in prompts]
+        ids, mask, labels = _encode_demonstrations(tokenizer, conversations)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        progress.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    return losses
+
+
+def _pair_row(prompt: str, a: str, b: str) -> dict | None:
+    """A gold-labelled pair in Axolotl's `chat_template.default` DPO shape; None on a gold tie (no label)."""
+    gold_a, gold_b = gold_score(prompt, a), gold_score(prompt, b)
+    if gold_a == gold_b:
+        return None
+    (chosen, gold_chosen), (rejected, gold_rejected) = sorted([(a, gold_a), (b, gold_b)], key=lambda x: -x[1])
+    return {
+        "messages": [{"role": "user", "content": prompt}],
+        "chosen": {"role": "assistant", "content": chosen},
+        "rejected": {"role": "assistant", "content": rejected},
+        "gold_chosen": gold_chosen,
+        "gold_rejected": gold_rejected,
+    }
+
+
+def sample_gold_pairs(model, tokenizer, prompts: list[str], params: dict, seed: int, desc: str) -> tuple[list, list]:
+    """Two SFT samples per prompt, labelled by the gold score (higher = chosen); gold ties are dropped.
+
+    Returns:
+        `(pairs, samples)`: the labelled pairs, and every prompt's two responses with their golds and token
+        lengths (for the build's quality report).
+    """
+    responses, lengths = sample_responses(
+        model, tokenizer, prompts, n_samples=2, temperature=params["temperature"],
+        max_new_tokens=params["max_new_tokens"], seed=seed, desc=desc,
+    )
+    pairs, samples = [], []
+    for prompt, pair, lens in zip(prompts, responses, lengths):
+        row = _pair_row(prompt, *pair)
+        if row is not None:
+            pairs.append(row)
+        samples += [{"gold": gold_score(prompt, r), "length": n} for r, n in zip(pair, lens)]
+    return pairs, samples
+
+
+def _write_jsonl(path: str, rows: list[dict]) -> None:
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def _stamp(params: dict) -> dict:
+    return {"version": DEMO_VERSION, "params": params}
+
+
+def _is_built(out_dir: str, params: dict) -> bool:
+    path = os.path.join(out_dir, STAMP_FILE)
+    if not os.path.exists(path) or not all(os.path.exists(os.path.join(out_dir, f)) for f in FILES.values()):
+        return False
+    with open(path) as f:
+        stamp = json.load(f)
+    return {k: stamp.get(k) for k in ("version", "params")} == _stamp(params)
+
+
+def build_demo(out_dir: str, seed: int = 0, force: bool = False, **overrides) -> dict[str, str]:
+    """Build (or reuse) the demo task: tokenizer, SFT model, seed pairs, prompt pool and evaluation data.
+
+    Reuses `out_dir` when its stamp file matches this version and these parameters, so calling this from a
+    test, a benchmark and the README's Quickstart costs one build. The stamp is written last, so an
+    interrupted build is redone.
+
+    Args:
+        out_dir: directory for everything the demo needs.
+        seed: seeds prompts, model initialisation, SFT training and sampling.
+        force: rebuild even when the stamp matches.
+        **overrides: size and training knobs (see `_defaults`): `num_pool`, `num_seed_pairs`, `num_eval`,
+            `num_eval_pairs`, `num_references`, `train_steps`, `batch_size`, `learning_rate`, `min_noise`,
+            `max_noise`, `temperature`, `max_new_tokens`, `num_items`, `num_values`, `model`.
+
+    Returns:
+        Paths by name: `sft_model` (HF model dir with tokenizer and chat template), `seed` (gold-labelled SFT
+        pairs, `chat_template.default` DPO shape), `prompts` (unlabelled pool, `{"prompt"}`), `eval_prompts`
+        (`{"prompt", "references"}`: held-out prompts and SFT samples for the win rate), `eval_pairs` (held-out
+        gold-labelled pairs, seed shape), `gold_pairs` (gold labels for the pool's SFT pairs), `stamp`.
+    """
+    params = _defaults(seed=seed, **overrides)
+    paths = {name: os.path.join(out_dir, f) for name, f in FILES.items()}
+    paths["stamp"] = os.path.join(out_dir, STAMP_FILE)
+    if not force and _is_built(out_dir, params):
+        LOG.info(f"demo already built in {out_dir} (stamp matches); reusing it")
+        return paths
+
+    import torch
+
+    from selfee_plugin.tiny import build_tiny_llama, build_tokenizer
+
+    start = time.time()
+    os.makedirs(out_dir, exist_ok=True)
+    if os.path.exists(paths["stamp"]):
+        os.remove(paths["stamp"])
+    task_kwargs = {"num_items": params["num_items"], "num_values": params["num_values"]}
+
+    # Every held-out split is drawn before training and excluded from the demonstrations, and the splits are
+    # mutually disjoint: the pool, seed and evaluation prompts are all unseen by the SFT model.
+    rng = random.Random(params["seed"])
+    taken: set[str] = set()
+    eval_prompts = sample_prompts(rng, params["num_eval"], taken, **task_kwargs)
+    eval_pair_prompts = sample_prompts(rng, params["num_eval_pairs"], taken, **task_kwargs)
+    pool = sample_prompts(rng, params["num_pool"], taken, **task_kwargs)
+    # gold ties leave fewer pairs than prompts; draw seed prompts in chunks until the seed is full
+    seed_candidates = sample_prompts(rng, 4 * params["num_seed_pairs"], taken, **task_kwargs)
+
+    LOG.info(f"building the demo in {out_dir}: {params}")
+    tokenizer = build_tokenizer([" ".join(vocabulary(params["num_values"]))])
+    model = build_tiny_llama(tokenizer, seed=params["seed"], **params["model"])
+    t0 = time.time()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(params["seed"])
+        losses = train_sft(model, tokenizer, params, taken)
+    train_seconds = time.time() - t0
+    LOG.info(f"SFT model trained in {train_seconds:.0f}s; final loss {statistics.fmean(losses[-20:]):.3f}")
+    if os.path.exists(paths["sft_model"]):
+        shutil.rmtree(paths["sft_model"])
+    model.save_pretrained(paths["sft_model"])
+    tokenizer.save_pretrained(paths["sft_model"])
+
+    seed = params["seed"]
+    seed_pairs: list[dict] = []
+    for chunk in range(0, len(seed_candidates), params["num_seed_pairs"]):
+        prompts = seed_candidates[chunk : chunk + params["num_seed_pairs"]]
+        pairs, _ = sample_gold_pairs(model, tokenizer, prompts, params, seed + 10 + chunk, "seed pairs")
+        seed_pairs += pairs
+        if len(seed_pairs) >= params["num_seed_pairs"]:
+            break
+    if len(seed_pairs) < params["num_seed_pairs"]:
+        LOG.warning(f"only {len(seed_pairs)} seed pairs (SFT samples tie too often); wanted {params['num_seed_pairs']}")
+    seed_pairs = seed_pairs[: params["num_seed_pairs"]]
+    gold_pairs, pool_samples = sample_gold_pairs(model, tokenizer, pool, params, seed + 2, "pool pairs")
+    eval_pairs, _ = sample_gold_pairs(model, tokenizer, eval_pair_prompts, params, seed + 3, "eval pairs")
+    references, _ = sample_responses(
+        model, tokenizer, eval_prompts, n_samples=params["num_references"], temperature=params["temperature"],
+        max_new_tokens=params["max_new_tokens"], seed=seed + 4, desc="eval references",
+    )
+
+    _write_jsonl(paths["seed"], seed_pairs)
+    _write_jsonl(paths["prompts"], [{"prompt": p} for p in pool])
+    _write_jsonl(paths["eval_prompts"], [{"prompt": p, "references": r} for p, r in zip(eval_prompts, references)])
+    _write_jsonl(paths["eval_pairs"], eval_pairs)
+    _write_jsonl(paths["gold_pairs"], gold_pairs)
+
+    golds = [s["gold"] for s in pool_samples]
+    lengths = [s["length"] for s in pool_samples]
+    stats = {
+        "sft_gold_mean": statistics.fmean(golds),
+        "sft_gold_std": statistics.pstdev(golds),
+        "sft_perfect_fraction": statistics.fmean(g == 1.0 for g in golds),
+        "sft_length_mean": statistics.fmean(lengths),
+        "sft_length_std": statistics.pstdev(lengths),
+        "sft_final_loss": statistics.fmean(losses[-20:]),
+        "pool_tie_fraction": 1 - len(gold_pairs) / len(pool),
+        "num_seed_pairs": len(seed_pairs),
+        "num_gold_pairs": len(gold_pairs),
+        "num_eval_pairs": len(eval_pairs),
+        "train_seconds": train_seconds,
+        "build_seconds": time.time() - start,
+    }
+    LOG.info("demo built: " + ", ".join(f"{k}={v:.4g}" for k, v in stats.items()))
+    with open(paths["stamp"], "w") as f:
+        json.dump({**_stamp(params), "stats": stats}, f, indent=2)
+    return paths
+
+
+def read_build_stats(out_dir: str) -> dict:
+    """The quality and timing numbers the build measured (SFT gold mean/std, lengths, tie rate, seconds)."""
+    with open(os.path.join(out_dir, STAMP_FILE)) as f:
+        return json.load(f)["stats"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m selfee_plugin.demo.build OUT_DIR [--seed N] [--force]`: build the demo and print its paths."""
+    import argparse
+    import logging
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("out_dir")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--force", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    paths = build_demo(args.out_dir, seed=args.seed, force=args.force)
+    print(json.dumps({"paths": paths, "stats": read_build_stats(args.out_dir)}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
