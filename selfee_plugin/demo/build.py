@@ -51,7 +51,7 @@ def _defaults(**overrides) -> dict:
         "train_steps": 600,
         "batch_size": 128,
         "learning_rate": 3e-3,
-        "min_noise": 0.0,
+        "min_noise": 0.5,
         "max_noise": 1.0,
         "temperature": TEMPERATURE,
         "max_new_tokens": MAX_NEW_TOKENS,
@@ -159,6 +159,26 @@ def sample_gold_pairs(model, tokenizer, prompts: list[str], params: dict, seed: 
     return pairs, samples
 
 
+def sample_labelled_pairs(
+    model, tokenizer, candidates: list[str], num_pairs: int, params: dict, seed: int, desc: str
+) -> list[dict]:
+    """Gold-labelled SFT pairs from the first candidate prompts, chunk by chunk, until `num_pairs` are labelled.
+
+    Prompts whose two samples tie on gold are skipped (and their prompt is not reused), so the set has exactly
+    `num_pairs` pairs unless the candidates run out, which is logged.
+    """
+    pairs: list[dict] = []
+    for start in range(0, len(candidates), num_pairs):
+        chunk = candidates[start : start + num_pairs]
+        new, _ = sample_gold_pairs(model, tokenizer, chunk, params, seed + start, desc)
+        pairs += new
+        if len(pairs) >= num_pairs:
+            break
+    if len(pairs) < num_pairs:
+        LOG.warning(f"{desc}: only {len(pairs)} of {num_pairs} pairs (SFT samples tie on gold too often)")
+    return pairs[:num_pairs]
+
+
 def _write_jsonl(path: str, rows: list[dict]) -> None:
     with open(path, "w") as f:
         for row in rows:
@@ -221,10 +241,10 @@ def build_demo(out_dir: str, seed: int = 0, force: bool = False, **overrides) ->
     rng = random.Random(params["seed"])
     taken: set[str] = set()
     eval_prompts = sample_prompts(rng, params["num_eval"], taken, **task_kwargs)
-    eval_pair_prompts = sample_prompts(rng, params["num_eval_pairs"], taken, **task_kwargs)
     pool = sample_prompts(rng, params["num_pool"], taken, **task_kwargs)
-    # gold ties leave fewer pairs than prompts; draw seed prompts in chunks until the seed is full
+    # gold ties leave fewer pairs than prompts: draw spare prompts, used in order until enough pairs are labelled
     seed_candidates = sample_prompts(rng, 4 * params["num_seed_pairs"], taken, **task_kwargs)
+    eval_pair_candidates = sample_prompts(rng, 4 * params["num_eval_pairs"], taken, **task_kwargs)
 
     LOG.info(f"building the demo in {out_dir}: {params}")
     tokenizer = build_tokenizer([" ".join(vocabulary(params["num_values"]))])
@@ -241,21 +261,14 @@ def build_demo(out_dir: str, seed: int = 0, force: bool = False, **overrides) ->
     tokenizer.save_pretrained(paths["sft_model"])
 
     seed = params["seed"]
-    seed_pairs: list[dict] = []
-    for chunk in range(0, len(seed_candidates), params["num_seed_pairs"]):
-        prompts = seed_candidates[chunk : chunk + params["num_seed_pairs"]]
-        pairs, _ = sample_gold_pairs(model, tokenizer, prompts, params, seed + 10 + chunk, "seed pairs")
-        seed_pairs += pairs
-        if len(seed_pairs) >= params["num_seed_pairs"]:
-            break
-    if len(seed_pairs) < params["num_seed_pairs"]:
-        LOG.warning(f"only {len(seed_pairs)} seed pairs (SFT samples tie too often); wanted {params['num_seed_pairs']}")
-    seed_pairs = seed_pairs[: params["num_seed_pairs"]]
-    gold_pairs, pool_samples = sample_gold_pairs(model, tokenizer, pool, params, seed + 2, "pool pairs")
-    eval_pairs, _ = sample_gold_pairs(model, tokenizer, eval_pair_prompts, params, seed + 3, "eval pairs")
+    seed_pairs = sample_labelled_pairs(model, tokenizer, seed_candidates, params["num_seed_pairs"], params, seed + 2, "seed pairs")
+    gold_pairs, pool_samples = sample_gold_pairs(model, tokenizer, pool, params, seed + 3, "pool pairs")
+    eval_pairs = sample_labelled_pairs(
+        model, tokenizer, eval_pair_candidates, params["num_eval_pairs"], params, seed + 4, "eval pairs"
+    )
     references, _ = sample_responses(
         model, tokenizer, eval_prompts, n_samples=params["num_references"], temperature=params["temperature"],
-        max_new_tokens=params["max_new_tokens"], seed=seed + 4, desc="eval references",
+        max_new_tokens=params["max_new_tokens"], seed=seed + 5, desc="eval references",
     )
 
     _write_jsonl(paths["seed"], seed_pairs)

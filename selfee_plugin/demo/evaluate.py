@@ -69,7 +69,7 @@ def sample_responses(
         with torch.random.fork_rng(devices=[]), torch.inference_mode():
             torch.manual_seed(seed)
             starts = range(0, len(texts), batch_size)
-            for start in tqdm(starts, desc=desc, disable=desc is None, leave=False):
+            for start in tqdm(starts, desc=desc, leave=False, **({} if desc else {"disable": True})):
                 enc = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True).to(model.device)
                 out = model.generate(
                     **enc,

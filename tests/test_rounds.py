@@ -1,0 +1,158 @@
+"""The whole SELFEE loop through the real `axolotl train` CLI: rounds, artifacts, references, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from conftest import run_axolotl_train, tiny_train_config
+
+ROUNDS = [6, 6]
+
+
+def _selfee_cfg(model_dir, data_dir, out, rounds=ROUNDS, batch_size=2, **overrides):
+    selfee = {
+        "rounds": rounds,
+        "seed_epochs": 1,
+        "prompts": [{"path": f"{data_dir}/prompts.jsonl", "ds_type": "json", "type": "prompt"}],
+        "generation": {"max_new_tokens": 8, "batch_size": batch_size, "temperature": 1.0},
+        "judge": {"batch_size": 8},
+    }
+    return tiny_train_config(model_dir, data_dir, str(out), selfee=selfee, **overrides)
+
+
+def _rows(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def _check_artifacts(out, rounds=ROUNDS):
+    root = out / "selfee"
+    summary = json.loads((root / "summary.json").read_text())
+    assert [row["selfee/round"] for row in summary] == [0, 1, 2]
+    prompt_ids = []
+    for t in (1, 2):
+        rows = _rows(root / f"round_{t}" / "pairs.jsonl")
+        metrics = json.loads((root / f"round_{t}" / "metrics.json").read_text())
+        assert len(rows) == rounds[t - 1] == metrics["selfee/prompts_judged"]
+        assert metrics["selfee/pairs"] == sum(r["skip_reason"] is None for r in rows)
+        for key in ("selfee/seconds_generate", "selfee/seconds_judge", "selfee/seconds_train", "selfee/distinct_2"):
+            assert key in metrics
+        prompt_ids += [r["prompt_id"] for r in rows]
+        assert (root / f"round_{t}" / "adapter" / "adapter_model.safetensors").exists()
+    assert len(prompt_ids) == len(set(prompt_ids)) == sum(rounds)  # no prompt used twice
+    assert (out / "adapter_model.safetensors").exists()
+    return summary
+
+
+def _policy_logps(model_dir, adapter_dir, rows, load_in_4bit=False):
+    """log pi(y|x) of each judged response under base + `adapter_dir`, computed independently of the judge."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    from selfee_plugin.generation import tokenize_completion
+
+    kwargs = {"dtype": torch.float32}
+    if load_in_4bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32,
+                                                           bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, **kwargs), adapter_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    out = []
+    for row in rows:
+        for completion in row["completions"]:
+            prompt_ids, completion_ids = tokenize_completion(tokenizer, row["prompt"], completion)
+            ids = torch.tensor([prompt_ids + completion_ids])
+            with torch.no_grad():
+                logprobs = model(input_ids=ids).logits[0].float().log_softmax(-1)
+            target = ids[0, len(prompt_ids):]
+            out.append(logprobs[len(prompt_ids) - 1 : -1].gather(1, target[:, None]).sum().item())
+    return out
+
+
+@pytest.mark.parametrize("adapter", ["lora", "qlora"])
+def test_seed_round_and_two_rounds_through_the_cli(adapter, tiny_model_dir, tiny_data_dir, tmp_path):
+    out = tmp_path / "out"
+    extra = {"adapter": adapter, "learning_rate": 2e-2}  # big steps: each round must move the tiny policy visibly
+    if adapter == "qlora":
+        extra.update(load_in_4bit=True)
+    cfg = _selfee_cfg(tiny_model_dir, tiny_data_dir, out, **extra)
+    proc = run_axolotl_train(cfg, tmp_path)
+    assert "Plugin loaded successfully: selfee_plugin.SelfeePlugin" in proc.output
+    for t in range(3):
+        assert f"selfee round {t} done" in proc.output
+    assert "'selfee/noisy_fraction'" in proc.output and "'selfee/threshold'" in proc.output
+    _check_artifacts(out)
+
+    # Round 2 was generated and judged by round 1's policy: its recorded log pi_cur equal base + round_1 adapter's.
+    rows = [r for r in _rows(out / "selfee" / "round_2" / "pairs.jsonl") if r["completions"]][:3]
+    judged = [lp for r in rows for lp in r["policy_logps"]]
+    recomputed = _policy_logps(tiny_model_dir, str(out / "selfee" / "round_1" / "adapter"), rows,
+                               load_in_4bit=adapter == "qlora")
+    tol = 1e-4 if adapter == "lora" else 1e-3  # 4-bit matmuls on CPU may reorder float sums
+    torch.testing.assert_close(torch.tensor(judged), torch.tensor(recomputed), atol=tol, rtol=0)
+    round_0 = _policy_logps(tiny_model_dir, str(out / "selfee" / "round_0" / "adapter"), rows,
+                            load_in_4bit=adapter == "qlora")
+    assert max(abs(a - b) for a, b in zip(judged, round_0)) > 10 * tol  # and not by round 0's
+
+
+def test_sigkill_during_round_2_then_rerun_finishes_everything(tiny_model_dir, tiny_data_dir, tmp_path):
+    out = tmp_path / "out"
+    rounds = [4, 16]  # one prompt per judged chunk in round 2: a wide window to kill it mid-round
+    cfg = _selfee_cfg(tiny_model_dir, tiny_data_dir, out, rounds=rounds, batch_size=1)
+    path = tmp_path / "config.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    axolotl = os.path.join(os.path.dirname(sys.executable), "axolotl")
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen([axolotl, "train", str(path)], cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    pairs = out / "selfee" / "round_2" / "pairs.jsonl"
+    deadline = time.monotonic() + 600
+    # Kill as soon as round 2 has judged some prompts but not all.
+    while time.monotonic() < deadline and proc.poll() is None:
+        if pairs.exists() and 0 < len(pairs.read_text().splitlines()) < rounds[1] // 2:
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, open(tmp_path / "first.log").read()[-3000:]
+    written = len(pairs.read_text().splitlines())
+    assert 0 < written < rounds[1]
+
+    rerun = run_axolotl_train(cfg, tmp_path)
+    assert "selfee round 1 already finished" in rerun.output
+    _check_artifacts(out, rounds)
+    metrics = json.loads((out / "selfee" / "round_2" / "metrics.json").read_text())
+    assert metrics["selfee/prompts_resumed"] == written
+
+    again = run_axolotl_train(cfg, tmp_path)
+    assert "already finished; nothing to train" in again.output
+
+
+def test_resume_refuses_a_changed_round_plan(tiny_model_dir, tiny_data_dir, tmp_path):
+    from types import SimpleNamespace
+
+    from selfee_plugin.rounds import RoundRunner
+
+    (tmp_path / "selfee").mkdir()
+    (tmp_path / "selfee" / "state.json").write_text(json.dumps({
+        "fingerprint": {"base_model": "m", "lora_model_dir": None, "adapter": "lora", "seed_datasets": [],
+                        "prompt_pool": "x", "round_sizes": [6, 6], "samples_per_prompt": 2},
+        "completed": [0],
+    }))
+    runner = RoundRunner.__new__(RoundRunner)
+    runner.root = tmp_path / "selfee"
+    runner.selfee = SimpleNamespace(round_sizes=[6, 8], samples_per_prompt=2)
+    runner.trainer = SimpleNamespace(
+        axolotl_cfg=SimpleNamespace(base_model="m", lora_model_dir=None, adapter="lora", datasets=[]),
+        prompt_pool=SimpleNamespace(ids=[], messages=[]),
+    )
+    with pytest.raises(ValueError, match=r"round_sizes: \[6, 6\] -> \[6, 8\].*new output_dir"):
+        runner._load_state()
