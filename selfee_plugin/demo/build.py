@@ -125,22 +125,24 @@ def train_sft(model, tokenizer, params: dict, exclude: set[str]) -> list[float]:
 
 
 def _pair_row(prompt: str, a: str, b: str) -> dict | None:
-    """A gold-labelled pair in Axolotl's `chat_template.default` DPO shape; None on a gold tie (no label)."""
+    """A gold-labelled pair in Axolotl's `chat_template.default` DPO shape, or None when it carries no label.
+
+    Gold ties (identical answers included) have no label; an empty answer is never paired (SPEC §4), and
+    Axolotl's DPO strategy could not locate empty content in the rendered template anyway.
+    """
     gold_a, gold_b = gold_score(prompt, a), gold_score(prompt, b)
-    if gold_a == gold_b:
+    if gold_a == gold_b or not a or not b:
         return None
-    (chosen, gold_chosen), (rejected, gold_rejected) = sorted([(a, gold_a), (b, gold_b)], key=lambda x: -x[1])
+    chosen, rejected = (a, b) if gold_a > gold_b else (b, a)
     return {
         "messages": [{"role": "user", "content": prompt}],
         "chosen": {"role": "assistant", "content": chosen},
         "rejected": {"role": "assistant", "content": rejected},
-        "gold_chosen": gold_chosen,
-        "gold_rejected": gold_rejected,
     }
 
 
 def sample_gold_pairs(model, tokenizer, prompts: list[str], params: dict, seed: int, desc: str) -> tuple[list, list]:
-    """Two SFT samples per prompt, labelled by the gold score (higher = chosen); gold ties are dropped.
+    """Two SFT samples per prompt, labelled by the gold score (higher = chosen); ties and empty answers are dropped.
 
     Returns:
         `(pairs, samples)`: the labelled pairs, and every prompt's two responses with their golds and token
@@ -261,7 +263,9 @@ def build_demo(out_dir: str, seed: int = 0, force: bool = False, **overrides) ->
     tokenizer.save_pretrained(paths["sft_model"])
 
     seed = params["seed"]
-    seed_pairs = sample_labelled_pairs(model, tokenizer, seed_candidates, params["num_seed_pairs"], params, seed + 2, "seed pairs")
+    seed_pairs = sample_labelled_pairs(
+        model, tokenizer, seed_candidates, params["num_seed_pairs"], params, seed + 2, "seed pairs"
+    )
     gold_pairs, pool_samples = sample_gold_pairs(model, tokenizer, pool, params, seed + 3, "pool pairs")
     eval_pairs = sample_labelled_pairs(
         model, tokenizer, eval_pair_candidates, params["num_eval_pairs"], params, seed + 4, "eval pairs"

@@ -141,9 +141,8 @@ def evaluate_policy(
     samples, wins, distinct = [], [], []
     for i, prompt in enumerate(prompts):
         golds = [gold_score(prompt, r) for r in responses[i]]
-        samples += [
-            {"prompt": prompt, "response": r, "gold": g, "length": n} for r, g, n in zip(responses[i], golds, lengths[i])
-        ]
+        for response, gold, length in zip(responses[i], golds, lengths[i]):
+            samples.append({"prompt": prompt, "response": response, "gold": gold, "length": length})
         distinct.append(len(set(responses[i])) / n_samples)
         if references is not None:
             wins.append(win_rate(golds, [gold_score(prompt, r) for r in references[i]]))

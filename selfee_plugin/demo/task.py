@@ -31,7 +31,7 @@ def parse_prompt(prompt: str) -> list[int]:
 
 
 def random_numbers(rng: random.Random, num_items: int = NUM_ITEMS, num_values: int = NUM_VALUES) -> list[int]:
-    """`num_items` distinct numbers in random order (distinct, so the sorted answer is unique and a duplicate is an error)."""
+    """`num_items` distinct numbers in random order: distinct, so the sorted answer is unique and a repeat is an error."""
     return rng.sample(range(num_values), num_items)
 
 
@@ -92,7 +92,7 @@ def gold_score(prompt: str, response: str) -> float:
 
 
 def noisy_sort(numbers: list[int], noise: float, rng: random.Random) -> list[int]:
-    """A noisy greedy sort: at each step take the smallest remaining number, or with prob. `noise` a random remaining one.
+    """A noisy greedy sort: each step takes the smallest remaining number, or with prob. `noise` a random remaining one.
 
     The demonstrations come from this so that the noise is *local* (one token at a time, as a language model
     makes its errors) and every answer keeps the input's numbers and length: quality varies, length does not.

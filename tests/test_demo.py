@@ -1,0 +1,218 @@
+"""Tests for the demo task: the gold score on hand-built answers, the cached build, and evaluation helpers."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import statistics
+
+import pytest
+
+from selfee_plugin.demo.task import count_inversions, gold_score, make_demonstration, noisy_sort, parse_prompt
+
+PROMPT = "sort 7 3 9 1 4"
+# Small enough that the build (train, sample, write) takes seconds; the defaults are for the real demo.
+SMALL = dict(
+    num_pool=48, num_seed_pairs=12, num_eval=16, num_eval_pairs=12, num_references=2, train_steps=150, batch_size=64
+)
+
+
+# --- gold score -------------------------------------------------------------------------------------------------
+
+
+def test_gold_perfect_sort_is_one_and_reversed_is_zero():
+    """Sorted: no inversions, full coverage -> 1. Reversed: all 10 pairs inverted -> order 0 -> 0."""
+    assert gold_score(PROMPT, "1 3 4 7 9") == 1.0
+    assert gold_score(PROMPT, "9 7 4 3 1") == 0.0
+    assert gold_score(PROMPT, "") == 0.0
+
+
+def test_gold_falls_monotonically_with_adjacent_swaps():
+    """Bubble the sorted answer towards reversed, one adjacent swap at a time: each swap adds one inversion of
+    the 10 possible, so the score falls by exactly 0.1 per swap, from 1 to 0 in 10 swaps."""
+    answer = [1, 3, 4, 7, 9]
+    scores = [gold_score(PROMPT, " ".join(map(str, answer)))]
+    for end in range(len(answer) - 1, 0, -1):
+        for i in range(end):
+            answer[i], answer[i + 1] = answer[i + 1], answer[i]
+            scores.append(gold_score(PROMPT, " ".join(map(str, answer))))
+    assert answer == [9, 7, 4, 3, 1]
+    assert scores == pytest.approx([1 - k / 10 for k in range(11)])
+
+
+@pytest.mark.parametrize(
+    "answer, coverage",
+    [
+        ("1 3 4 7", 4 / 5),  # dropped a number: 4 kept of 5
+        ("1 3 4 7 9 9", 5 / 6),  # duplicated: 5 kept of 6 words
+        ("1 3 4 7 8", 4 / 5),  # invented 8 in place of 9
+        ("1 3 4 7 9 11", 5 / 6),  # extra number
+        ("1 3 4 7 9 sort", 5 / 6),  # a non-number word counts as an extra item
+    ],
+)
+def test_gold_penalises_wrong_numbers_and_lengths(answer, coverage):
+    """Every answer here is in order (order = 1), so the score is coverage ** 2, below one adjacent swap (0.9)."""
+    assert gold_score(PROMPT, answer) == pytest.approx(coverage**2)
+    assert gold_score(PROMPT, answer) < gold_score(PROMPT, "3 1 4 7 9")
+
+
+def test_gold_is_in_unit_interval_on_random_answers():
+    rng = random.Random(0)
+    words = [str(i) for i in range(20)] + ["sort", "<|end|>"]
+    for _ in range(500):
+        answer = " ".join(rng.choice(words) for _ in range(rng.randint(0, 9)))
+        assert 0.0 <= gold_score(PROMPT, answer) <= 1.0
+
+
+def test_gold_rejects_non_demo_prompts():
+    with pytest.raises(ValueError, match="not a demo prompt"):
+        gold_score("hello 1 2", "1 2")
+
+
+def test_noisy_sort_keeps_the_numbers_and_spans_quality():
+    """Demonstrations keep length and numbers (only order is noisy); noise 0 is a sort, noise 1 is often not."""
+    rng = random.Random(0)
+    numbers = parse_prompt(PROMPT)
+    assert noisy_sort(numbers, 0.0, rng) == sorted(numbers)
+    noisy = [noisy_sort(numbers, 1.0, rng) for _ in range(200)]
+    assert all(sorted(a) == sorted(numbers) for a in noisy)
+    assert statistics.fmean(count_inversions(a) for a in noisy) > 2
+    demo = make_demonstration(PROMPT, rng, 0.5, 1.0)
+    assert [m["role"] for m in demo["messages"]] == ["user", "assistant"]
+
+
+# --- build ------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    from selfee_plugin.demo.build import build_demo
+
+    out = str(tmp_path_factory.mktemp("demo"))
+    build_demo(out, seed=0, **SMALL)
+    return out
+
+
+def _rows(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def _assert_pair_shape(row):
+    """Axolotl `chat_template.default` DPO shape, labelled by gold (strictly higher gold is chosen)."""
+    assert [m["role"] for m in row["messages"]] == ["user"]
+    assert row["chosen"]["role"] == row["rejected"]["role"] == "assistant"
+    prompt = row["messages"][0]["content"]
+    assert gold_score(prompt, row["chosen"]["content"]) > gold_score(prompt, row["rejected"]["content"])
+
+
+def test_build_writes_every_file_with_the_right_shapes(demo_dir):
+    from selfee_plugin.demo.build import build_demo
+
+    paths = build_demo(demo_dir, seed=0, **SMALL)  # cached: returns the same paths without rebuilding
+    assert all(os.path.exists(p) for p in paths.values())
+    seed, pool = _rows(paths["seed"]), _rows(paths["prompts"])
+    eval_rows, eval_pairs = _rows(paths["eval_prompts"]), _rows(paths["eval_pairs"])
+    gold_pairs = _rows(paths["gold_pairs"])
+    assert len(seed) == SMALL["num_seed_pairs"] and len(eval_pairs) == SMALL["num_eval_pairs"]
+    assert len(pool) == SMALL["num_pool"] and len(eval_rows) == SMALL["num_eval"]
+    assert 0 < len(gold_pairs) <= SMALL["num_pool"]
+    for row in seed + eval_pairs + gold_pairs:
+        _assert_pair_shape(row)
+    assert all(set(r) == {"prompt"} for r in pool)
+    assert all(len(r["references"]) == SMALL["num_references"] for r in eval_rows)
+    # the splits never share a prompt, and gold pairs label exactly the pool's prompts
+    split_prompts = [
+        {r["messages"][0]["content"] for r in seed},
+        {r["prompt"] for r in pool},
+        {r["prompt"] for r in eval_rows},
+        {r["messages"][0]["content"] for r in eval_pairs},
+    ]
+    assert sum(map(len, split_prompts)) == len(set().union(*split_prompts))
+    assert {r["messages"][0]["content"] for r in gold_pairs} <= split_prompts[1]
+
+
+def test_build_is_cached_by_its_stamp(demo_dir):
+    from selfee_plugin.demo.build import _defaults, _is_built, build_demo
+
+    stamp = os.path.join(demo_dir, "demo_stamp.json")
+    before = os.path.getmtime(stamp)
+    build_demo(demo_dir, seed=0, **SMALL)
+    assert os.path.getmtime(stamp) == before
+    assert _is_built(demo_dir, _defaults(seed=0, **SMALL))
+    assert not _is_built(demo_dir, _defaults(seed=1, **SMALL))  # other parameters -> rebuild
+    with pytest.raises(ValueError, match="unknown build_demo parameter"):
+        build_demo(demo_dir, num_pol=3)
+
+
+def test_sft_model_samples_vary_in_quality(demo_dir):
+    """Measured on the model the build trained: its samples must disagree in gold, or pairs carry no label."""
+    from selfee_plugin.demo.evaluate import evaluate_policy, load_eval_set, load_policy
+
+    model, tokenizer = load_policy(os.path.join(demo_dir, "sft_model"))
+    prompts, references = load_eval_set(os.path.join(demo_dir, "eval_prompts.jsonl"))
+    metrics = evaluate_policy(model, tokenizer, prompts, references, n_samples=4, seed=1)
+    assert metrics["gold_std"] > 0.05
+    assert 0.0 < metrics["gold_mean"] < 1.0
+    assert 0.0 <= metrics["win_rate"] <= 1.0
+    assert metrics["num_samples"] == 4 * len(prompts) == len(metrics["samples"])
+    assert metrics["length_mean"] > 0
+    assert metrics["samples"][0].keys() == {"prompt", "response", "gold", "length"}
+
+
+def test_sft_labels_cover_answer_and_eos_only(demo_dir):
+    """The SFT loss sees the answer tokens and the closing EOS, never the prompt or the chat headers."""
+    from transformers import AutoTokenizer
+
+    from selfee_plugin.demo.build import _encode_demonstrations
+
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(demo_dir, "sft_model"))
+    messages = [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": "1 3 4 7 9"}]
+    ids, _, labels = _encode_demonstrations(tokenizer, [messages])
+    assert tokenizer.convert_ids_to_tokens(labels[labels != -100].tolist()) == ["1", "3", "4", "7", "9", "<|end|>"]
+    assert ids.shape == labels.shape
+
+
+# --- evaluation helpers -----------------------------------------------------------------------------------------
+
+
+def test_score_pairs_accuracy_counts_agreement_ties_and_length_bias():
+    """Pairs: right label, wrong label, gold tie (left out), and a longer-chosen pair the gold disagrees with."""
+    from selfee_plugin.demo.evaluate import score_pairs_accuracy
+
+    pairs = [
+        {"prompt": PROMPT, "chosen": "1 3 4 7 9", "rejected": "3 1 4 7 9"},
+        {"messages": [{"role": "user", "content": PROMPT}], "chosen": {"content": "9 7 4 3 1"},
+         "rejected": {"content": "1 3 4 7 9"}},
+        {"prompt": PROMPT, "chosen": "3 1 4 7 9", "rejected": "1 4 3 7 9"},
+        {"prompt": PROMPT, "chosen": "1 3 4 7 9 9", "rejected": "1 3 4 7 9"},
+    ]
+    result = score_pairs_accuracy(pairs)
+    assert result["num_pairs"] == 4 and result["num_gold_ties"] == 1
+    assert result["accuracy"] == pytest.approx(1 / 3)
+    assert result["unequal_length_fraction"] == pytest.approx(1 / 4)
+    assert result["longer_chosen_fraction"] == 1.0
+
+
+def test_win_rate_counts_ties_as_half():
+    from selfee_plugin.demo.evaluate import win_rate
+
+    assert win_rate([1.0, 0.5], [0.5]) == pytest.approx(0.75)
+
+
+def test_load_policy_merges_a_peft_adapter_over_the_sft_base(demo_dir, tmp_path):
+    """An adapter dir (adapter_config.json) loads over its recorded base and matches the PEFT model's logits."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from selfee_plugin.demo.evaluate import load_policy
+
+    base, tokenizer = load_policy(os.path.join(demo_dir, "sft_model"))
+    peft_model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft_model.save_pretrained(str(tmp_path))
+    merged, merged_tokenizer = load_policy(str(tmp_path))
+    ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, peft_model(ids).logits, rtol=1e-4, atol=1e-4)
+    assert merged_tokenizer.chat_template == tokenizer.chat_template

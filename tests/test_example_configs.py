@@ -1,0 +1,297 @@
+"""Every `example_configs/*.yml` through Axolotl's own config validation, with its models and data made local.
+
+Each file is loaded as written, its hub model swapped for the tiny local Llama (and its `lora_model_dir` for a
+tiny local adapter), its hub datasets for local files shaped like them, and then run through what `axolotl train`
+does before loading a model: `prepare_plugins`, `validate_config` (with a bf16-capable GPU's capabilities, as the
+CLI passes them) and `normalize_config`. Axolotl ignores unknown top-level keys, so a separate check makes a
+typo in any key of an example an error. No model is trained here.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from selfee_plugin.args import SelfeeConfig, parse_selfee
+
+EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "example_configs"
+EXAMPLES = sorted(EXAMPLES_DIR.glob("*.yml"))
+EXPECTED = {"zephyr-7b-qlora.yml", "llama3-8b-lora.yml", "phi2-lora.yml", "qwen2.5-0.5b-full.yml",
+            "from-sft-adapter.yml"}
+# What `axolotl train` passes to validate_config on a bf16-capable GPU (cli/config.py gpu_capabilities).
+GPU_CAPABILITIES = {"bf16": True, "fp8": False, "tf32": True, "n_gpu": 1, "compute_capability": "sm_89"}
+# Axolotl DPO types that read UltraFeedback-style rows: chosen/rejected are whole conversations.
+ULTRAFEEDBACK_TYPES = {"chat_template.argilla_chat", "chatml.ultra", "llama3.ultra"}
+# Keys Axolotl's dataset loader reads beyond its DPODataset schema (eval_pairs entries go to the loader as is).
+LOADER_KEYS = {"name", "ds_type", "data_files", "revision", "split", "path", "type"}
+
+
+def _ids(paths):
+    return [p.name for p in paths]
+
+
+@pytest.fixture(autouse=True)
+def fresh_plugin_manager():
+    from axolotl.integrations.base import PluginManager
+
+    PluginManager._instance = None
+    yield
+    PluginManager._instance = None
+
+
+@pytest.fixture
+def keep_torch_precision():
+    # normalize_config applies `tf32: true` process-wide (torch.set_float32_matmul_precision and backends flags);
+    # other tests in this session compare float32 values, so put them back.
+    backends = [torch.backends, torch.backends.cuda.matmul, torch.backends.cudnn]
+    saved = torch.get_float32_matmul_precision(), [getattr(b, "fp32_precision", None) for b in backends]
+    yield
+    torch.set_float32_matmul_precision(saved[0])
+    for backend, value in zip(backends, saved[1]):
+        if value is not None:
+            backend.fp32_precision = value
+
+
+@pytest.fixture(scope="module")
+def local_assets(tiny_model_dir, tiny_data_dir, tmp_path_factory):
+    """Local stand-ins: an UltraFeedback-shaped file built from the tiny data, and a tiny LoRA "SFT adapter"."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("example_assets")
+    data = Path(tiny_data_dir)
+    seed = [json.loads(line) for line in (data / "seed.jsonl").read_text().splitlines()]
+    prompts = [json.loads(line)["prompt"] for line in (data / "prompts.jsonl").read_text().splitlines()]
+    pairs = [(r["messages"][0]["content"], r["chosen"]["content"], r["rejected"]["content"]) for r in seed]
+    pairs += [(p, " ".join(sorted(p.split()[1:])), " ".join(p.split()[1:])) for p in prompts]
+    # HuggingFaceH4/ultrafeedback_binarized's columns: prompt, prompt_id, chosen/rejected conversations, messages.
+    with open(root / "ultrafeedback.jsonl", "w") as f:
+        for i, (prompt, chosen, rejected) in enumerate(pairs):
+            user = {"role": "user", "content": prompt}
+            conv_chosen = [user, {"role": "assistant", "content": chosen}]
+            conv_rejected = [user, {"role": "assistant", "content": rejected}]
+            f.write(json.dumps({"prompt": prompt, "prompt_id": str(i), "chosen": conv_chosen,
+                                "rejected": conv_rejected, "messages": conv_chosen,
+                                "score_chosen": 8.0, "score_rejected": 4.0}) + "\n")
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    adapter = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    adapter.save_pretrained(str(root / "sft-lora"))
+    return {"model": tiny_model_dir, "data": tiny_data_dir, "ultrafeedback": str(root / "ultrafeedback.jsonl"),
+            "rows": len(pairs), "adapter": str(root / "sft-lora")}
+
+
+def _load(path: Path) -> dict:
+    with open(path) as f:
+        return yaml.safe_load(f)
+
+
+def _local_split(split: str | None) -> str:
+    """`train_prefs[2000:30000]` -> `train[20:300]`: a local file has one split, and ~60 rows instead of 61K."""
+    if not split:
+        return "train"
+    match = re.fullmatch(r"\s*\w+\s*(\[.*\])?\s*", split)
+    assert match, f"unexpected split syntax {split!r}"
+    bounds = match.group(1) or ""
+    return "train" + re.sub(r"\d+", lambda m: str(int(m.group()) // 100), bounds)
+
+
+def _local_preference_entry(entry: dict, assets: dict) -> dict:
+    """A DPO dataset entry pointed at local data of the same shape, keeping its `type` where the data fits it."""
+    if entry.get("type") in ULTRAFEEDBACK_TYPES:
+        return {**entry, "path": assets["ultrafeedback"], "split": _local_split(entry.get("split"))}
+    return {"path": f"{assets['data']}/seed.jsonl", "split": _local_split(entry.get("split")),
+            "type": "chat_template.default"}
+
+
+def _local_prompt_entry(entry: dict, assets: dict) -> dict:
+    if entry.get("type") == "ultrafeedback":
+        return {"path": assets["ultrafeedback"], "type": "ultrafeedback", "split": _local_split(entry.get("split"))}
+    return {"path": f"{assets['data']}/prompts.jsonl", "type": "prompt", "split": _local_split(entry.get("split"))}
+
+
+def localize(raw: dict, assets: dict, out_dir: Path) -> dict:
+    """The example with the tiny local model, adapter and data in place of the hub ones; everything else as written."""
+    cfg = copy.deepcopy(raw)
+    cfg["base_model"] = assets["model"]
+    for key in ("base_model_config", "tokenizer_config"):
+        if key in cfg:
+            cfg[key] = assets["model"]
+    if "lora_model_dir" in cfg:
+        cfg["lora_model_dir"] = assets["adapter"]
+    cfg["output_dir"] = str(out_dir / "out")
+    cfg["dataset_prepared_path"] = str(out_dir / "prepared")
+    cfg["datasets"] = [_local_preference_entry(e, assets) for e in cfg.get("datasets") or []]
+    selfee = cfg["selfee"]
+    if selfee.get("prompts"):
+        selfee["prompts"] = [_local_prompt_entry(e, assets) for e in selfee["prompts"]]
+    judge = selfee.get("judge") or {}
+    if judge.get("eval_pairs"):
+        judge["eval_pairs"] = _local_preference_entry(judge["eval_pairs"], assets)
+    if judge.get("reference_model"):
+        judge["reference_model"] = assets["model"]
+    return cfg
+
+
+def validate(cfg: dict):
+    """What `axolotl train` does to a config before it loads a model (cli/config.py load_cfg)."""
+    from axolotl.utils.config import normalize_config, prepare_plugins, validate_config
+    from axolotl.utils.dict import DictDefault
+
+    cfg = DictDefault(copy.deepcopy(cfg))
+    prepare_plugins(cfg)
+    cfg = validate_config(
+        cfg, capabilities=GPU_CAPABILITIES,
+        env_capabilities={"torch_version": torch.__version__.split("+", maxsplit=1)[0]},
+    )
+    normalize_config(cfg)  # loads the model's config.json only, never its weights
+    return cfg
+
+
+def unknown_keys(raw: dict) -> list[str]:
+    """Keys of the example that Axolotl's schema (with the plugin's args mixed in) does not define, or deprecates."""
+    from axolotl.integrations.config import merge_input_args
+    from axolotl.utils.config import prepare_plugins
+    from axolotl.utils.dict import DictDefault
+    from axolotl.utils.schemas.datasets import DPODataset
+
+    prepare_plugins(DictDefault(copy.deepcopy(raw)))
+    _, input_config = merge_input_args()
+    fields = input_config.model_fields
+    known = set(fields) | {f.alias for f in fields.values() if f.alias}
+    bad = [key for key in raw if key not in known]
+    bad += [f"{key} (deprecated)" for key in raw if key in fields and fields[key].deprecated]
+    for i, entry in enumerate(raw.get("datasets") or []):
+        bad += [f"datasets[{i}].{key}" for key in entry if key not in DPODataset.model_fields]
+    eval_pairs = ((raw.get("selfee") or {}).get("judge") or {}).get("eval_pairs") or {}
+    bad += [f"selfee.judge.eval_pairs.{key}" for key in eval_pairs
+            if key not in DPODataset.model_fields and key not in LOADER_KEYS]
+    return bad
+
+
+def assert_stated(parsed, stated, where="selfee"):
+    """Every value the file states in its `selfee:` block is the value the plugin parsed."""
+    if isinstance(stated, dict):
+        assert isinstance(parsed, dict), f"{where}: {parsed!r}"
+        for key, value in stated.items():
+            assert key in parsed, f"{where}.{key} was not parsed"
+            assert_stated(parsed[key], value, f"{where}.{key}")
+    elif isinstance(stated, list) and stated and isinstance(stated[0], dict):
+        assert len(parsed) == len(stated), where
+        for i, (p, s) in enumerate(zip(parsed, stated)):
+            assert_stated(p, s, f"{where}[{i}]")
+    else:
+        assert parsed == stated, f"{where}: the file says {stated!r}, the plugin parsed {parsed!r}"
+
+
+def test_the_documented_examples_exist():
+    assert EXPECTED <= set(_ids(EXAMPLES)), f"missing: {EXPECTED - set(_ids(EXAMPLES))}"
+    readme = (EXAMPLES_DIR / "README.md").read_text()
+    assert not [p.name for p in EXAMPLES if p.name not in readme], "example_configs/README.md must list every example"
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=_ids(EXAMPLES))
+def test_example_has_only_known_keys(path):
+    raw = _load(path)
+    assert raw.get("rl") == "dpo"
+    assert "selfee_plugin.SelfeePlugin" in raw.get("plugins", [])
+    assert isinstance(raw.get("selfee"), dict), "an example needs a selfee: block"
+    assert unknown_keys(raw) == []
+    assert_stated(SelfeeConfig.model_validate(raw["selfee"]).model_dump(), raw["selfee"])  # extra="forbid" inside
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=_ids(EXAMPLES))
+def test_example_passes_axolotl_validation(path, local_assets, tmp_path, keep_torch_precision):
+    raw = _load(path)
+    local = localize(raw, local_assets, tmp_path)
+    cfg = validate(local)
+
+    # Nothing the file sets is dropped or changed by Axolotl's validation.
+    for key, value in local.items():
+        if key != "selfee":
+            assert cfg[key] == value, f"{key}: the file says {value!r}, Axolotl kept {cfg[key]!r}"
+    selfee = parse_selfee(cfg)
+    assert selfee.model_dump() == SelfeeConfig.model_validate(local["selfee"]).model_dump()
+    assert_stated(selfee.model_dump(), {k: v for k, v in raw["selfee"].items() if k not in ("prompts", "judge")})
+    assert selfee.round_sizes == SelfeeConfig.model_validate(raw["selfee"]).round_sizes
+    if "lora_model_dir" in raw:
+        assert cfg.adapter in ("lora", "qlora") and (Path(cfg.lora_model_dir) / "adapter_config.json").exists()
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=_ids(EXAMPLES))
+def test_example_data_entries_fit_their_types(path, local_assets, tmp_path, keep_torch_precision):
+    """The seed entries' Axolotl DPO types, the prompt pool and the eval pairs all read local data of the same shape,
+    and the split slices (`train_prefs[:2000]`) go through Axolotl's dataset loader."""
+    from axolotl.prompt_strategies.dpo import load as load_dpo
+    from axolotl.utils.chat_templates import get_chat_template_from_config
+    from axolotl.utils.data.shared import load_dataset_with_config
+    from axolotl.utils.dict import DictDefault
+    from transformers import AutoTokenizer
+
+    from selfee_plugin.generation import format_prompt
+    from selfee_plugin.judge import load_eval_pairs
+    from selfee_plugin.strategies import load_prompt_pool
+
+    cfg = validate(localize(_load(path), local_assets, tmp_path))
+    tokenizer = AutoTokenizer.from_pretrained(local_assets["model"])
+    tokenizer.chat_template = get_chat_template_from_config(cfg, tokenizer=tokenizer)  # as Axolotl's loader does
+    user = [{"role": "user", "content": "sort 3 1 2"}]
+    assert format_prompt(tokenizer, user) != tokenizer.apply_chat_template(user, tokenize=False), \
+        "the chat template must render a generation prompt"
+
+    for i, entry in enumerate(cfg.datasets):
+        rows = load_dataset_with_config(DictDefault(dict(entry)), use_auth_token=False)
+        stop = re.search(r":(\d+)\]", entry["split"])
+        if stop and int(stop.group(1)) <= local_assets["rows"]:
+            assert len(rows) == int(stop.group(1)), f"datasets[{i}] split {entry['split']} was not sliced"
+        transform = load_dpo(entry["type"], cfg, dataset_idx=i)
+        transform = transform[0] if isinstance(transform, tuple) else transform
+        kwargs = {"tokenizer": tokenizer} if "tokenizer" in transform.__code__.co_varnames else {}
+        for row in rows.select(range(3)):
+            out = transform(dict(row), **kwargs)
+            assert all(isinstance(out[k], str) and out[k] for k in ("prompt", "chosen", "rejected")), out
+
+    selfee = parse_selfee(cfg)
+    if selfee.prompts:
+        pool = load_prompt_pool(selfee)
+        assert len(pool) > 0
+    if selfee.judge.eval_pairs:
+        assert load_eval_pairs(selfee.judge.eval_pairs, tokenizer)
+
+
+def test_unknown_keys_are_caught():
+    """The key check above is what stops a typo: Axolotl's own validation would silently drop these."""
+    raw = _load(EXAMPLES_DIR / "zephyr-7b-qlora.yml")
+    raw["lerning_rate"] = 1e-5
+    raw["flash_attention"] = True
+    raw["datasets"][0]["fiel_chosen"] = "chosen"
+    raw["selfee"]["judge"]["eval_pairs"]["splt"] = "test_prefs"
+    assert sorted(unknown_keys(raw)) == sorted([
+        "lerning_rate", "flash_attention (deprecated)", "datasets[0].fiel_chosen", "selfee.judge.eval_pairs.splt",
+    ])
+    raw["selfee"]["generation"]["max_new_token"] = 10
+    with pytest.raises(ValueError, match="max_new_token"):
+        SelfeeConfig.model_validate(raw["selfee"])
+
+
+def test_zephyr_example_is_the_papers_setup():
+    """SPEC section 1: seed of ~2K UltraFeedback pairs, rounds of 8K and 20K prompts, beta 0.1, max_length 2048,
+    max_prompt_length 1024, cosine schedule, warmup 0.1, effective batch 32, 3 seed epochs and 1 round epoch."""
+    raw = _load(EXAMPLES_DIR / "zephyr-7b-qlora.yml")
+    selfee = SelfeeConfig.model_validate(raw["selfee"])
+    assert raw["base_model"] == "alignment-handbook/zephyr-7b-sft-full"
+    assert raw["datasets"][0]["split"] == "train_prefs[:2000]"
+    assert selfee.prompts[0].split == "train_prefs[2000:]"  # disjoint from the seed rows
+    assert selfee.round_sizes == [8000, 20000] and selfee.samples_per_prompt == 2
+    assert (selfee.seed_epochs, selfee.round_epochs) == (3, 1)
+    assert raw["rl_beta"] == 0.1 and raw["sequence_len"] == 2048 and selfee.generation.max_prompt_length == 1024
+    assert raw["lr_scheduler"] == "cosine" and raw["warmup_ratio"] == 0.1
+    assert raw["micro_batch_size"] * raw["gradient_accumulation_steps"] == 32
+    assert (selfee.generation.temperature, selfee.generation.top_p, selfee.generation.max_new_tokens) == (0.7, 1.0, 300)
+    assert raw["adapter"] == "qlora" and raw["load_in_4bit"] and raw["gradient_checkpointing"] and raw["bf16"]
