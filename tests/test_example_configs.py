@@ -84,7 +84,7 @@ def local_assets(tiny_model_dir, tiny_data_dir, tmp_path_factory):
     adapter = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     adapter.save_pretrained(str(root / "sft-lora"))
     return {"model": tiny_model_dir, "data": tiny_data_dir, "ultrafeedback": str(root / "ultrafeedback.jsonl"),
-            "rows": len(pairs), "adapter": str(root / "sft-lora")}
+            "adapter": str(root / "sft-lora")}
 
 
 def _load(path: Path) -> dict:
@@ -93,13 +93,20 @@ def _load(path: Path) -> dict:
 
 
 def _local_split(split: str | None) -> str:
-    """`train_prefs[2000:30000]` -> `train[20:300]`: a local file has one split, and ~60 rows instead of 61K."""
+    """`train_prefs[2000:30000]` -> `train[20:300]`: a local file has one split, and 56 rows instead of 61K."""
     if not split:
         return "train"
     match = re.fullmatch(r"\s*\w+\s*(\[.*\])?\s*", split)
     assert match, f"unexpected split syntax {split!r}"
     bounds = match.group(1) or ""
     return "train" + re.sub(r"\d+", lambda m: str(int(m.group()) // 100), bounds)
+
+
+def _sliced_rows(entry) -> int:
+    """Rows a local entry's split such as `train[20:40]` should select from its JSON Lines file."""
+    bounds = re.search(r"\[(\d*):(\d*)\]", entry["split"])
+    start, stop = (int(b) if b else None for b in bounds.groups()) if bounds else (None, None)
+    return len(range(len(Path(entry["path"]).read_text().splitlines()))[start:stop])
 
 
 def _local_preference_entry(entry: dict, assets: dict) -> dict:
@@ -247,9 +254,7 @@ def test_example_data_entries_fit_their_types(path, local_assets, tmp_path, keep
 
     for i, entry in enumerate(cfg.datasets):
         rows = load_dataset_with_config(DictDefault(dict(entry)), use_auth_token=False)
-        stop = re.search(r":(\d+)\]", entry["split"])
-        if stop and int(stop.group(1)) <= local_assets["rows"]:
-            assert len(rows) == int(stop.group(1)), f"datasets[{i}] split {entry['split']} was not sliced"
+        assert len(rows) == _sliced_rows(entry), f"datasets[{i}]: {entry['split']} not applied"
         transform = load_dpo(entry["type"], cfg, dataset_idx=i)
         transform = transform[0] if isinstance(transform, tuple) else transform
         kwargs = {"tokenizer": tokenizer} if "tokenizer" in transform.__code__.co_varnames else {}
@@ -260,9 +265,10 @@ def test_example_data_entries_fit_their_types(path, local_assets, tmp_path, keep
     selfee = parse_selfee(cfg)
     if selfee.prompts:
         pool = load_prompt_pool(selfee)
-        assert len(pool) > 0
+        assert len(pool) == sum(_sliced_rows(e.model_dump()) for e in selfee.prompts) > 0
     if selfee.judge.eval_pairs:
-        assert load_eval_pairs(selfee.judge.eval_pairs, tokenizer)
+        pairs = load_eval_pairs(selfee.judge.eval_pairs, tokenizer)
+        assert len(pairs) == _sliced_rows(selfee.judge.eval_pairs) > 0
 
 
 def test_unknown_keys_are_caught():
