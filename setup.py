@@ -23,5 +23,5 @@ setup(
         "tokenizers",
     ],
     extras_require={"dev": ["pytest>=8"]},
-    entry_points={"console_scripts": ["selfee-demo=selfee_plugin.demo.cli:main"]},
+    entry_points={"console_scripts": ["selfee-demo=selfee_plugin.demo.run:main"]},
 )

@@ -158,7 +158,7 @@ def test_sft_model_samples_vary_in_quality(demo_dir):
     assert 0.0 <= metrics["win_rate"] <= 1.0
     assert metrics["num_samples"] == 4 * len(prompts) == len(metrics["samples"])
     assert metrics["length_mean"] > 0
-    assert metrics["samples"][0].keys() == {"prompt", "response", "gold", "length"}
+    assert metrics["samples"][0].keys() == {"prompt", "response", "gold", "length", "eos"}
 
 
 def test_sft_labels_cover_answer_and_eos_only(demo_dir):

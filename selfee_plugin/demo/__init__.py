@@ -6,7 +6,7 @@ __all__ = ["build_demo", "evaluate_policy", "gold_score", "load_policy", "score_
 
 
 def __getattr__(name):
-    # build/evaluate import torch and Axolotl; load them on first use so `gold_score` stays a cheap import.
+    # build/evaluate pull in transformers and TRL; load them on first use, not when only the task is needed.
     if name == "build_demo":
         from .build import build_demo
 

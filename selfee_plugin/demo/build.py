@@ -8,9 +8,13 @@ import random
 import shutil
 import statistics
 import time
+from contextlib import contextmanager
+
+import torch
+from tqdm.auto import tqdm
 
 from .._logging import get_logger
-
+from ..tiny import build_tiny_llama, build_tokenizer
 from .evaluate import MAX_NEW_TOKENS, TEMPERATURE, sample_responses
 from .task import NUM_ITEMS, NUM_VALUES, gold_score, make_demonstration, sample_prompts, vocabulary
 
@@ -18,7 +22,7 @@ LOG = get_logger(__name__)
 
 # Bump when anything that changes the built files changes (task, training, sampling); a cached build whose
 # stamp differs is rebuilt.
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 STAMP_FILE = "demo_stamp.json"
 FILES = {
     "sft_model": "sft_model",
@@ -38,6 +42,22 @@ MODEL_KWARGS = {
     "num_key_value_heads": 4,
     "max_position_embeddings": 64,
 }
+
+
+@contextmanager
+def _one_thread():
+    """Run torch ops on one intra-op thread, restoring the caller's setting afterwards.
+
+    At hidden size 64 a second thread buys little (a 600-step build trains ~15% faster with 2 threads on an idle
+    2-core machine), but when anything else uses the cores OpenMP's waiting threads stall: measured here under
+    load, 30 steps took 2.5-4.3s on 1 thread and 28-45s on 2.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _defaults(**overrides) -> dict:
@@ -68,8 +88,6 @@ def _defaults(**overrides) -> dict:
 
 def _encode_demonstrations(tokenizer, conversations: list[list[dict]]):
     """Chat-template token ids and SFT labels: loss on the answer and its EOS only, as Axolotl's SFT masks it."""
-    import torch
-
     texts = tokenizer.apply_chat_template(conversations, tokenize=False)
     enc = tokenizer(texts, return_tensors="pt", padding=True)  # right padding: labels are masked below anyway
     ids = enc["input_ids"]  # (B, T)
@@ -93,9 +111,6 @@ def train_sft(model, tokenizer, params: dict, exclude: set[str]) -> list[float]:
     Returns:
         The training loss of every step.
     """
-    import torch
-    from tqdm.auto import tqdm
-
     rng = random.Random(params["seed"] + 1)
     steps, lr = params["train_steps"], params["learning_rate"]
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
@@ -103,13 +118,14 @@ def train_sft(model, tokenizer, params: dict, exclude: set[str]) -> list[float]:
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / (steps - warmup)))
     )
+    noise = (params["min_noise"], params["max_noise"])
+    task_kwargs = {"num_items": params["num_items"], "num_values": params["num_values"]}
     model.train()
     losses = []
     progress = tqdm(range(steps), desc="training SFT model", leave=False)
     for _ in progress:
-        prompts = sample_prompts(rng, params["batch_size"], exclude=set(exclude), num_items=params["num_items"],
-                                 num_values=params["num_values"])
-        noise = (params["min_noise"], params["max_noise"])
+        # a fresh copy of the held-out set per batch: prompts may repeat across batches, held-out ones never appear
+        prompts = sample_prompts(rng, params["batch_size"], exclude=set(exclude), **task_kwargs)
         conversations = [make_demonstration(p, rng, *noise)["messages"] for p in prompts]
         ids, mask, labels = _encode_demonstrations(tokenizer, conversations)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
@@ -141,16 +157,16 @@ def _pair_row(prompt: str, a: str, b: str) -> dict | None:
     }
 
 
-def sample_gold_pairs(model, tokenizer, prompts: list[str], params: dict, seed: int, desc: str) -> tuple[list, list]:
+def sample_gold_pairs(model, tokenizer, prompts: list[str], params: dict, seed: int) -> tuple[list, list]:
     """Two SFT samples per prompt, labelled by the gold score (higher = chosen); ties and empty answers are dropped.
 
     Returns:
         `(pairs, samples)`: the labelled pairs, and every prompt's two responses with their golds and token
         lengths (for the build's quality report).
     """
-    responses, lengths = sample_responses(
+    responses, lengths, _ = sample_responses(
         model, tokenizer, prompts, n_samples=2, temperature=params["temperature"],
-        max_new_tokens=params["max_new_tokens"], seed=seed, desc=desc,
+        max_new_tokens=params["max_new_tokens"], seed=seed,
     )
     pairs, samples = [], []
     for prompt, pair, lens in zip(prompts, responses, lengths):
@@ -169,10 +185,11 @@ def sample_labelled_pairs(
     Prompts whose two samples tie on gold are skipped (and their prompt is not reused), so the set has exactly
     `num_pairs` pairs unless the candidates run out, which is logged.
     """
+    LOG.info(f"sampling {desc}: 2 SFT answers per prompt until {num_pairs} gold-labelled pairs")
     pairs: list[dict] = []
     for start in range(0, len(candidates), num_pairs):
         chunk = candidates[start : start + num_pairs]
-        new, _ = sample_gold_pairs(model, tokenizer, chunk, params, seed + start, desc)
+        new, _ = sample_gold_pairs(model, tokenizer, chunk, params, seed + start)
         pairs += new
         if len(pairs) >= num_pairs:
             break
@@ -227,12 +244,15 @@ def build_demo(out_dir: str, seed: int = 0, force: bool = False, **overrides) ->
     if not force and _is_built(out_dir, params):
         LOG.info(f"demo already built in {out_dir} (stamp matches); reusing it")
         return paths
+    with _one_thread():
+        _build(params, paths)
+    return paths
 
-    import torch
 
-    from selfee_plugin.tiny import build_tiny_llama, build_tokenizer
-
+def _build(params: dict, paths: dict[str, str]) -> None:
+    """Every step of `build_demo` after the cache check; the stamp is written last."""
     start = time.time()
+    out_dir = os.path.dirname(paths["stamp"])
     os.makedirs(out_dir, exist_ok=True)
     if os.path.exists(paths["stamp"]):
         os.remove(paths["stamp"])
@@ -250,10 +270,9 @@ def build_demo(out_dir: str, seed: int = 0, force: bool = False, **overrides) ->
 
     LOG.info(f"building the demo in {out_dir}: {params}")
     tokenizer = build_tokenizer([" ".join(vocabulary(params["num_values"]))])
-    model = build_tiny_llama(tokenizer, seed=params["seed"], **params["model"])
     t0 = time.time()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(params["seed"])
+    with torch.random.fork_rng(devices=[]):  # initialisation and training seed torch; the caller's RNG stays as it was
+        model = build_tiny_llama(tokenizer, seed=params["seed"], **params["model"])
         losses = train_sft(model, tokenizer, params, taken)
     train_seconds = time.time() - t0
     LOG.info(f"SFT model trained in {train_seconds:.0f}s; final loss {statistics.fmean(losses[-20:]):.3f}")
@@ -262,17 +281,19 @@ def build_demo(out_dir: str, seed: int = 0, force: bool = False, **overrides) ->
     model.save_pretrained(paths["sft_model"])
     tokenizer.save_pretrained(paths["sft_model"])
 
-    seed = params["seed"]
+    base_seed = params["seed"]
     seed_pairs = sample_labelled_pairs(
-        model, tokenizer, seed_candidates, params["num_seed_pairs"], params, seed + 2, "seed pairs"
+        model, tokenizer, seed_candidates, params["num_seed_pairs"], params, base_seed + 2, "seed pairs"
     )
-    gold_pairs, pool_samples = sample_gold_pairs(model, tokenizer, pool, params, seed + 3, "pool pairs")
+    LOG.info(f"sampling 2 SFT answers for each of the {len(pool)} pool prompts (gold-labelled upper-bound pairs)")
+    gold_pairs, pool_samples = sample_gold_pairs(model, tokenizer, pool, params, base_seed + 3)
     eval_pairs = sample_labelled_pairs(
-        model, tokenizer, eval_pair_candidates, params["num_eval_pairs"], params, seed + 4, "eval pairs"
+        model, tokenizer, eval_pair_candidates, params["num_eval_pairs"], params, base_seed + 4, "eval pairs"
     )
-    references, _ = sample_responses(
+    LOG.info(f"sampling {params['num_references']} SFT reference answers per evaluation prompt")
+    references, _, _ = sample_responses(
         model, tokenizer, eval_prompts, n_samples=params["num_references"], temperature=params["temperature"],
-        max_new_tokens=params["max_new_tokens"], seed=seed + 5, desc="eval references",
+        max_new_tokens=params["max_new_tokens"], seed=base_seed + 5,
     )
 
     _write_jsonl(paths["seed"], seed_pairs)
@@ -300,7 +321,6 @@ def build_demo(out_dir: str, seed: int = 0, force: bool = False, **overrides) ->
     LOG.info("demo built: " + ", ".join(f"{k}={v:.4g}" for k, v in stats.items()))
     with open(paths["stamp"], "w") as f:
         json.dump({**_stamp(params), "stats": stats}, f, indent=2)
-    return paths
 
 
 def read_build_stats(out_dir: str) -> dict:

@@ -8,7 +8,8 @@ import statistics
 from typing import Iterable, Sequence
 
 from .._logging import get_logger
-
+from ..args import GenerationConfig
+from ..generation import generate_responses
 from .task import gold_score, parse_prompt
 
 LOG = get_logger(__name__)
@@ -31,66 +32,40 @@ def sample_responses(
     max_new_tokens: int = MAX_NEW_TOKENS,
     batch_size: int = 256,
     seed: int = 0,
-    desc: str | None = "sampling",
-) -> tuple[list[list[str]], list[list[int]]]:
-    """Sample `n_samples` chat responses per prompt, batched with left padding and the KV cache.
+    progress: bool = True,
+) -> tuple[list[list[str]], list[list[int]], list[list[bool]]]:
+    """Sample `n_samples` chat answers per prompt with SELFEE's own generator (batched, left padded, KV cache).
+
+    Using `selfee_plugin.generation.generate_responses` means the demo's SFT pairs, references and evaluations
+    are sampled exactly as a SELFEE round samples.
 
     Args:
-        model: a causal LM (any device); put in eval mode for the call and restored after.
+        model: a causal LM (plain or PEFT, any device); its train/eval mode is restored afterwards.
         tokenizer: its tokenizer, with a chat template that has a generation prompt.
         prompts: user messages.
-        n_samples: responses per prompt.
-        temperature: sampling temperature; 0 means greedy decoding.
-        top_p: nucleus sampling threshold.
-        max_new_tokens: generation budget per response.
+        n_samples: answers per prompt.
+        temperature: sampling temperature (> 0).
+        top_p: nucleus sampling mass.
+        max_new_tokens: generation budget per answer.
         batch_size: prompts per `generate` call (each expands to `batch_size * n_samples` rows).
-        seed: seeds torch's RNG inside a forked RNG state, so the caller's global RNG is untouched.
-        desc: tqdm label; None hides the progress bar.
+        seed: sampling seed (the caller's RNG state is left untouched).
+        progress: show a tqdm bar.
 
     Returns:
-        `(responses, lengths)`, each `[len(prompts)][n_samples]`: decoded text without special tokens, and the
-        number of generated tokens before EOS (EOS excluded; `max_new_tokens` when EOS never came).
+        `(responses, lengths, finished)`, each `[len(prompts)][n_samples]`: decoded answers without special tokens,
+        their length in tokens (EOS excluded), and whether each stopped at EOS (False: cut at `max_new_tokens`).
     """
-    import torch
-    from tqdm.auto import tqdm
-
-    texts = tokenizer.apply_chat_template(
-        [[{"role": "user", "content": p}] for p in prompts], tokenize=False, add_generation_prompt=True
+    gen_cfg = GenerationConfig(
+        temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, batch_size=batch_size
     )
-    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if temperature > 0 else {
-        "do_sample": False
-    }
-    responses, lengths = [], []
-    was_training, padding_side = model.training, tokenizer.padding_side
-    model.eval()
-    tokenizer.padding_side = "left"  # left padding keeps every prompt's last token at the end, where generation starts
-    try:
-        with torch.random.fork_rng(devices=[]), torch.inference_mode():
-            torch.manual_seed(seed)
-            starts = range(0, len(texts), batch_size)
-            for start in tqdm(starts, desc=desc, leave=False, **({} if desc else {"disable": True})):
-                enc = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True).to(model.device)
-                out = model.generate(
-                    **enc,
-                    **sampling,
-                    max_new_tokens=max_new_tokens,
-                    num_return_sequences=n_samples,
-                    eos_token_id=eos_id,
-                    pad_token_id=pad_id,
-                )
-                new = out[:, enc["input_ids"].shape[1] :].cpu()  # (B * n_samples, T_new), rows grouped by prompt
-                is_eos = new == eos_id
-                # tokens before the first EOS; rows that never stop have every generated token counted
-                length = torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full_like(new[:, 0], new.shape[1]))
-                decoded = tokenizer.batch_decode(new, skip_special_tokens=True)
-                for i in range(0, len(decoded), n_samples):
-                    responses.append([d.strip() for d in decoded[i : i + n_samples]])
-                    lengths.append(length[i : i + n_samples].tolist())
-    finally:
-        tokenizer.padding_side = padding_side
-        model.train(was_training)
-    return responses, lengths
+    messages = [[{"role": "user", "content": p}] for p in prompts]
+    generations = generate_responses(model, tokenizer, messages, gen_cfg, n=n_samples, seed=seed, progress=progress)
+    if generations.skipped:  # demo prompts are a dozen tokens; a skip means a foreign prompt list
+        raise ValueError(f"prompts longer than {gen_cfg.max_prompt_length} tokens: {sorted(generations.skipped)}")
+    lengths = [
+        [len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in answers] for answers in generations.responses
+    ]
+    return generations.responses, lengths, generations.finished
 
 
 def win_rate(scores: Sequence[float], reference_scores: Sequence[float]) -> float:
@@ -120,29 +95,29 @@ def evaluate_policy(
         references: per prompt, reference responses to compare against (the demo build stores SFT samples in
             `eval_prompts.jsonl`); None skips the win rate.
         n_samples: samples per prompt.
-        temperature: sampling temperature (0 = greedy).
+        temperature: sampling temperature (> 0).
         top_p: nucleus threshold.
         max_new_tokens: generation budget.
         batch_size: prompts per generate call.
         seed: sampling seed.
 
     Returns:
-        A dict of floats: `gold_mean`, `gold_std`, `perfect_fraction` (gold == 1), `win_rate` (vs references;
-        only with references), `length_mean`, `length_std` (generated tokens before EOS), `wrong_length_fraction`
+        A dict: `gold_mean`, `gold_std`, `perfect_fraction` (gold == 1), `win_rate` (vs references;
+        only with references), `length_mean`, `length_std` (answer tokens, EOS excluded), `wrong_length_fraction`
         (answers whose word count differs from the prompt's number count), `eos_fraction` (answers that
         stopped), `distinct_fraction` (distinct responses per prompt / n_samples, averaged), `num_samples`;
-        plus `samples`: one dict per response with `prompt`, `response`, `gold`, `length`.
+        plus `samples`: one dict per response with `prompt`, `response`, `gold`, `length`, `eos`.
     """
     if references is not None and len(references) != len(prompts):
         raise ValueError(f"references has {len(references)} rows for {len(prompts)} prompts")
-    responses, lengths = sample_responses(
-        model, tokenizer, prompts, n_samples, temperature, top_p, max_new_tokens, batch_size, seed, desc="evaluating"
+    responses, lengths, finished = sample_responses(
+        model, tokenizer, prompts, n_samples, temperature, top_p, max_new_tokens, batch_size, seed
     )
     samples, wins, distinct = [], [], []
     for i, prompt in enumerate(prompts):
         golds = [gold_score(prompt, r) for r in responses[i]]
-        for response, gold, length in zip(responses[i], golds, lengths[i]):
-            samples.append({"prompt": prompt, "response": response, "gold": gold, "length": length})
+        for response, gold, length, stopped in zip(responses[i], golds, lengths[i], finished[i]):
+            samples.append({"prompt": prompt, "response": response, "gold": gold, "length": length, "eos": stopped})
         distinct.append(len(set(responses[i])) / n_samples)
         if references is not None:
             wins.append(win_rate(golds, [gold_score(prompt, r) for r in references[i]]))
@@ -157,7 +132,7 @@ def evaluate_policy(
         "wrong_length_fraction": statistics.fmean(
             len(s["response"].split()) != len(parse_prompt(s["prompt"])) for s in samples
         ),
-        "eos_fraction": statistics.fmean(n < max_new_tokens for n in lens),
+        "eos_fraction": statistics.fmean(s["eos"] for s in samples),
         "distinct_fraction": statistics.fmean(distinct),
         "num_samples": len(samples),
     }

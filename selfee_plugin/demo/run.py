@@ -84,7 +84,7 @@ def train(config_path: str, log_path: str) -> None:
                                 text=True, env=env)
         for line in proc.stdout:
             log.write(line)
-            if "selfee" in line and ("round" in line or "WARNING" in line) and "Mapping" not in line:
+            if "selfee" in line and ("round" in line or "WARNING" in line) and "examples/s" not in line:
                 print("  " + line.strip().split("] ", 3)[-1][:300], flush=True)
         if proc.wait() != 0:
             raise SystemExit(f"axolotl train failed; see {log_path}")

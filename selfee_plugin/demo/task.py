@@ -31,7 +31,7 @@ def parse_prompt(prompt: str) -> list[int]:
 
 
 def random_numbers(rng: random.Random, num_items: int = NUM_ITEMS, num_values: int = NUM_VALUES) -> list[int]:
-    """`num_items` distinct numbers in random order: distinct, so the sorted answer is unique and a repeat is an error."""
+    """`num_items` distinct numbers in random order (distinct: the sorted answer is unique, a repeat is an error)."""
     return rng.sample(range(num_values), num_items)
 
 
