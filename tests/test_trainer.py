@@ -183,6 +183,13 @@ def test_lambda_zero_loss_equals_hand_computation_across_steps(tiny_model, tiny_
         assert trainer._metrics["train"]["selfee/threshold"][-1] == pytest.approx(tau, abs=1e-6)
 
 
+def _train_one_round(trainer, **kwargs):
+    """One round's training: TRL's `train()`, under SelfeeDPOTrainer.train's round loop."""
+    from selfee_plugin.trainer import SelfeeDPOTrainer
+
+    return super(SelfeeDPOTrainer, trainer).train(**kwargs)
+
+
 @pytest.mark.parametrize("ref_columns,extrapolation,forwards", [(True, 0.0, 1), (False, 0.5, 2)])
 def test_refine_step_trains_lora_only_and_logs_finite_metrics(
     tiny_model, tiny_tokenizer, tiny_data_dir, tmp_path, ref_columns, extrapolation, forwards
@@ -196,7 +203,7 @@ def test_refine_step_trains_lora_only_and_logs_finite_metrics(
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     calls = _count_forwards(trainer)
     trainer.begin_round(refine=True)
-    trainer.train()
+    _train_one_round(trainer)
 
     assert len(calls) == forwards
     for name, param in trainer.model.named_parameters():
@@ -215,7 +222,7 @@ def test_refine_step_trains_lora_only_and_logs_finite_metrics(
     trainer.noise_detector.reset()
     trainer.noise_detector.load_state_dict = lambda state: restored.append(state["values"])
     trainer.begin_round(refine=True)
-    trainer.train(resume_from_checkpoint=checkpoint)
+    _train_one_round(trainer, resume_from_checkpoint=checkpoint)
     assert restored == [saved["values"]]
 
 
