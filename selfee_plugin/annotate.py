@@ -9,9 +9,9 @@ import zlib
 from collections import Counter
 
 import torch
-from ._logging import get_logger
 from tqdm.auto import tqdm
 
+from ._logging import get_logger
 from .generation import format_completion, generate_responses, tokenize_completion
 from .judge import SKIP_REASONS, judge_pairs, score_sequences, valid_responses
 

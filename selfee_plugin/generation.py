@@ -7,10 +7,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-from ._logging import get_logger
 from tqdm.auto import tqdm
 from trl.data_utils import _tokenize
 from trl.trainer.utils import pad
+
+from ._logging import get_logger
 
 LOG = get_logger(__name__)
 

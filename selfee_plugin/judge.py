@@ -7,10 +7,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from ._logging import get_logger
 from tqdm.auto import tqdm
 from trl.trainer.utils import pad, selective_log_softmax, use_adapter
 
+from ._logging import get_logger
 from .generation import (
     eval_mode,
     format_preference_rows,

@@ -7,8 +7,9 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from ._logging import get_logger
 from trl.trainer.utils import selective_log_softmax
+
+from ._logging import get_logger
 
 LOG = get_logger(__name__)
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from axolotl.integrations.base import BasePlugin
-from ._logging import get_logger
 
+from ._logging import get_logger
 from .args import parse_selfee
 
 LOG = get_logger(__name__)

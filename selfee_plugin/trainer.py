@@ -26,12 +26,12 @@ import torch.nn.functional as F
 from accelerate.utils import is_peft_model
 from axolotl.core.trainers.dpo.trainer import AxolotlDPOTrainer
 from axolotl.utils.collators.dpo import AxolotlDPODataCollatorWithPadding
-from ._logging import get_logger
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import selective_log_softmax, use_adapter
 from typing_extensions import override
 
+from ._logging import get_logger
 from .args import RefineConfig
 from .loss import NoiseDetector, compute_extrapolated_logps, compute_margins, noise_aware_dpo_loss
 

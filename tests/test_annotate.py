@@ -8,21 +8,19 @@ import math
 
 import pytest
 import torch
+from helpers import BETA, MESSAGES, _dpo_trainer, _lora, _plain_logp
 
-from selfee_plugin.args import SelfeeConfig
-from selfee_plugin.generation import format_completion, tokenize_completion
 from selfee_plugin.annotate import (
     annotate,
     load_judged_pairs,
     read_judged_rows,
     summarize_judged_rows,
 )
+from selfee_plugin.args import SelfeeConfig
+from selfee_plugin.generation import format_completion, tokenize_completion
 from selfee_plugin.judge import (
     SKIP_REASONS,
 )
-
-from helpers import BETA, MESSAGES, _dpo_trainer, _lora, _plain_logp
-
 
 # ----------------------------------------------------------------------------------------------- annotation
 

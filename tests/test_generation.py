@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from selfee_plugin.args import GenerationConfig
@@ -20,15 +19,6 @@ PROMPTS = [
     [{"role": "system", "content": "answer yes or no"}, {"role": "user", "content": "is 1 2"}],
     [{"role": "user", "content": "sort 9"}],
 ]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matmuls on a shared 2-core machine run ~50x slower when torch's threads fight other processes.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _cfg(**kw):

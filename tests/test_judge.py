@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from helpers import BETA, LORA_TARGETS, MESSAGES, _dpo_trainer, _lora, _plain_logp, _randomize_lora_b, _sequences
 
 from selfee_plugin.generation import format_completion, format_prompt, tokenize_completion
 from selfee_plugin.judge import (
@@ -16,9 +17,6 @@ from selfee_plugin.judge import (
     score_sequences,
     valid_responses,
 )
-
-from helpers import BETA, LORA_TARGETS, MESSAGES, _dpo_trainer, _lora, _plain_logp, _randomize_lora_b, _sequences
-
 
 # ----------------------------------------------------------------------------------------------- pure math
 

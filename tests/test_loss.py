@@ -82,7 +82,6 @@ def test_detector_appends_before_thresholding():
 def test_detector_matches_numpy_rolling_quantile(window, fraction):
     """lambda = 0, so beta * z~ = beta * z: over many steps of varying batch size, the flagged set is exactly
     `scores <= np.quantile(last W of all scores so far, including this batch, K)` (numpy's default 'linear')."""
-    g = torch.Generator().manual_seed(window)
     detector = NoiseDetector(window=window, noisy_fraction=fraction)
     seen = []
     for step in range(12):

@@ -12,7 +12,6 @@ import time
 import pytest
 import torch
 import yaml
-
 from conftest import run_axolotl_train, tiny_train_config
 
 ROUNDS = [6, 6]

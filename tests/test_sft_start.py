@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-
 from helpers import LORA_TARGETS, _randomize_lora_b
 
 
