@@ -85,6 +85,7 @@ def test_seed_round_and_two_rounds_through_the_cli(adapter, tiny_model_dir, tiny
     cfg = _selfee_cfg(tiny_model_dir, tiny_data_dir, out, **extra)
     proc = run_axolotl_train(cfg, tmp_path)
     assert "Plugin loaded successfully: selfee_plugin.SelfeePlugin" in proc.output
+    assert "'loss':" in proc.output and "'rewards/margins':" in proc.output
     for t in range(3):
         assert f"selfee round {t} done" in proc.output
     assert "'selfee/noisy_fraction'" in proc.output and "'selfee/threshold'" in proc.output
