@@ -28,7 +28,9 @@ class PromptDataset(_Block):
     ds_type: str | None = Field(default=None, description="Loader type for local files (json, csv, parquet, ...).")
     revision: str | None = Field(default=None, description="Dataset revision on the hub.")
     field_messages: str = Field(default="messages", description="Field holding the chat list (type `messages`).")
-    field_prompt: str = Field(default="prompt", description="Field holding the prompt (types `prompt`, `ultrafeedback`).")
+    field_prompt: str = Field(
+        default="prompt", description="Field holding the prompt (types `prompt`, `ultrafeedback`)."
+    )
     field_chosen: str = Field(default="chosen", description="Field holding the chosen chat (type `ultrafeedback`).")
     field_system: str | None = Field(
         default=None, description="Optional field with a system prompt prepended to each prompt."
@@ -65,7 +67,8 @@ class JudgeConfig(_Block):
     )
     eval_pairs: dict[str, Any] | None = Field(
         default=None,
-        description="Held-out human-labelled pairs (an Axolotl DPO dataset entry) to measure judge accuracy each round.",
+        description="Held-out human-labelled pairs (an Axolotl DPO dataset entry) to measure judge accuracy "
+        "each round.",
     )
     batch_size: int = Field(default=16, gt=0, description="Responses per judgment forward pass.")
     length_bias_warning: float = Field(
@@ -142,7 +145,8 @@ class SelfeeConfig(_Block):
             )
         if isinstance(self.rounds, list) and self.prompts_per_round is not None:
             raise ValueError(
-                "selfee.prompts_per_round is set but selfee.rounds is already a list of round sizes; remove one of them."
+                "selfee.prompts_per_round is set but selfee.rounds is already a list of round sizes; "
+                "remove one of them."
             )
         if self.round_sizes and not self.prompts:
             raise ValueError(

@@ -96,7 +96,8 @@ class RoundRunner:
         path = self.root / STATE_FILE
         if path.exists():
             state = json.loads(path.read_text())
-            changed = {k: (state["fingerprint"].get(k), v) for k, v in fingerprint.items() if state["fingerprint"].get(k) != v}
+            old = state["fingerprint"]
+            changed = {k: (old.get(k), v) for k, v in fingerprint.items() if old.get(k) != v}
             if changed:
                 details = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
                 raise ValueError(
@@ -280,8 +281,10 @@ class RoundRunner:
         self._mark_done(round_idx, metrics)
         _write_json(self.root / "summary.json", self._all_metrics())
         _fire(self.trainer, "on_selfee_round_end", round_idx=round_idx, metrics=metrics)
-        shown = {k.split("/", 1)[1]: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()
-                 if k.startswith("selfee/") and isinstance(v, (int, float))}
+        numeric = {k: v for k, v in metrics.items() if k.startswith("selfee/") and isinstance(v, (int, float))}
+        # Through the trainer's log, so the round's metrics reach the user's trackers (wandb, tensorboard, ...).
+        self.trainer.log({k: float(v) for k, v in numeric.items()})
+        shown = {k.split("/", 1)[1]: round(v, 4) if isinstance(v, float) else v for k, v in numeric.items()}
         LOG.info(f"selfee round {round_idx} done: {shown}")
 
     def _all_metrics(self) -> list[dict]:

@@ -136,7 +136,8 @@ def format_table(rows: list[dict]) -> str:
         cells = []
         for key, _, fmt in cols:
             value = row.get(key)
-            cells.append("-" if value is None or (isinstance(value, float) and math.isnan(value)) else fmt.format(value))
+            missing = value is None or (isinstance(value, float) and math.isnan(value))
+            cells.append("-" if missing else fmt.format(value))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
