@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from accelerate.utils import is_peft_model
 from tqdm.auto import tqdm
 from trl.trainer.utils import pad, selective_log_softmax, use_adapter
 
@@ -26,10 +27,6 @@ SKIP_REASONS = ("prompt_too_long", "empty_response", "identical_responses", "rew
 # ----------------------------------------------------------------------------------------------- log-probs
 
 
-def _is_peft(model) -> bool:
-    return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
-
-
 @contextmanager
 def reference_context(model, reference):
     """Yield the module whose forward gives pi_ref, without copying any base weight.
@@ -42,7 +39,7 @@ def reference_context(model, reference):
     if isinstance(reference, torch.nn.Module):
         yield reference
         return
-    if not _is_peft(model):
+    if not is_peft_model(model):
         raise ValueError(
             f"reference={reference!r} needs a PEFT model (adapters to disable or switch); for full fine-tuning "
             "pass the frozen reference model itself."

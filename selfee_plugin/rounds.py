@@ -28,18 +28,14 @@ import os
 import time
 from pathlib import Path
 
+from accelerate.utils import is_peft_model
+
 from ._logging import get_logger
 
 LOG = get_logger(__name__)
 
 STATE_FILE = "state.json"
 REF_ADAPTER = "ref"  # the name TRL 1.9's DPOTrainer looks for (trl/trainer/dpo_trainer.py, _compute_loss)
-
-
-def _is_peft(model) -> bool:
-    from peft import PeftModel
-
-    return isinstance(model, PeftModel)
 
 
 def _write_json(path: Path, data) -> None:
@@ -76,18 +72,17 @@ class RoundRunner:
     """Owns per-round state: references, datasets, schedules, artifacts and resume."""
 
     def __init__(self, trainer, train_fn):
-        from .args import parse_selfee
-
         self.trainer = trainer
         self.train_fn = train_fn
-        self.selfee = parse_selfee(trainer.axolotl_cfg)
+        self.selfee = trainer.selfee
         self.model = trainer.model
-        self.peft = _is_peft(self.model)
+        self.peft = is_peft_model(self.model)
         self.root = Path(trainer.args.output_dir) / "selfee"
         self.root.mkdir(parents=True, exist_ok=True)
         self.state = self._load_state()
         self.judge_reference = self._init_judge_reference()
         self.last_output = None
+        self._eval_rows = None  # judge.eval_pairs, loaded on first use
 
     # ---- state and resume -------------------------------------------------------------------------------
 
@@ -264,7 +259,9 @@ class RoundRunner:
             return {}
         from .judge import judge_accuracy, load_eval_pairs
 
-        rows = load_eval_pairs(self.selfee.judge.eval_pairs, self.trainer.processing_class)
+        if self._eval_rows is None:
+            self._eval_rows = load_eval_pairs(self.selfee.judge.eval_pairs, self.trainer.processing_class)
+        rows = self._eval_rows
         accuracy = judge_accuracy(
             self.model, self.trainer.processing_class, rows, reference=self.judge_reference, beta=self.trainer.beta,
             batch_size=self.selfee.judge.batch_size, length_normalize=self.selfee.judge.length_normalize,

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +31,7 @@ from trl.trainer.utils import selective_log_softmax, use_adapter
 from typing_extensions import override
 
 from ._logging import get_logger
-from .args import RefineConfig
+from .args import RefineConfig, parse_selfee
 from .loss import NoiseDetector, compute_extrapolated_logps, compute_margins, noise_aware_dpo_loss
 
 LOG = get_logger(__name__)
@@ -41,14 +40,6 @@ NOISE_STATE_NAME = "selfee_noise_state.json"
 # Batch keys that are not model inputs (as in TRL's `_compute_loss`).
 NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
 REFINE_LOSS_TYPES = {"sigmoid", "sft"}
-
-
-def _refine_config(selfee) -> RefineConfig:
-    """The `selfee.refine` block, whether Axolotl handed us a `SelfeeConfig` or its dumped dict (DictDefault)."""
-    refine = selfee.get("refine") if isinstance(selfee, Mapping) else getattr(selfee, "refine", None)
-    if refine is None:
-        return RefineConfig()
-    return refine if isinstance(refine, RefineConfig) else RefineConfig.model_validate(dict(refine))
 
 
 def _preference_collator(data_collator, args, processing_class):
@@ -94,9 +85,10 @@ class SelfeeDPOTrainer(AxolotlDPOTrainer):
         )
         super().__init__(*args, **kwargs)
         self.axolotl_cfg = selfee_cfg
-        self.selfee = selfee_cfg.selfee if selfee_cfg is not None else None
+        # Axolotl hands plugins its validated config with the `selfee:` block dumped back to plain dicts.
+        self.selfee = parse_selfee(selfee_cfg) if selfee_cfg is not None else None
         self.prompt_pool = None  # set by SelfeePlugin.post_trainer_create
-        self.refine = _refine_config(self.selfee)
+        self.refine = self.selfee.refine if self.selfee is not None else RefineConfig()
         self.noise_detector = NoiseDetector(window=self.refine.window, noisy_fraction=self.refine.noisy_fraction)
         self.refine_enabled = False
 

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from .._logging import get_logger
 from ..tiny import build_tiny_llama, build_tokenizer
-from .evaluate import MAX_NEW_TOKENS, TEMPERATURE, sample_responses
+from .evaluate import MAX_NEW_TOKENS, TEMPERATURE, quality_stats, sample_responses
 from .task import NUM_ITEMS, NUM_VALUES, gold_score, make_demonstration, sample_prompts, vocabulary
 
 LOG = get_logger(__name__)
@@ -302,14 +302,9 @@ def _build(params: dict, paths: dict[str, str]) -> None:
     _write_jsonl(paths["eval_pairs"], eval_pairs)
     _write_jsonl(paths["gold_pairs"], gold_pairs)
 
-    golds = [s["gold"] for s in pool_samples]
-    lengths = [s["length"] for s in pool_samples]
+    sft_quality = quality_stats([s["gold"] for s in pool_samples], [s["length"] for s in pool_samples])
     stats = {
-        "sft_gold_mean": statistics.fmean(golds),
-        "sft_gold_std": statistics.pstdev(golds),
-        "sft_perfect_fraction": statistics.fmean(g == 1.0 for g in golds),
-        "sft_length_mean": statistics.fmean(lengths),
-        "sft_length_std": statistics.pstdev(lengths),
+        **{f"sft_{key}": value for key, value in sft_quality.items()},
         "sft_final_loss": statistics.fmean(losses[-20:]),
         "pool_tie_fraction": 1 - len(gold_pairs) / len(pool),
         "num_seed_pairs": len(seed_pairs),

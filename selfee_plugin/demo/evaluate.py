@@ -68,6 +68,17 @@ def sample_responses(
     return generations.responses, lengths, generations.finished
 
 
+def quality_stats(golds: Sequence[float], lengths: Sequence[int]) -> dict:
+    """Mean/std of the gold score and of the length (tokens), and the share of perfect answers."""
+    return {
+        "gold_mean": statistics.fmean(golds),
+        "gold_std": statistics.pstdev(golds),
+        "perfect_fraction": statistics.fmean(g == 1.0 for g in golds),
+        "length_mean": statistics.fmean(lengths),
+        "length_std": statistics.pstdev(lengths),
+    }
+
+
 def win_rate(scores: Sequence[float], reference_scores: Sequence[float]) -> float:
     """P(policy sample beats reference sample) over all pairs of one prompt's samples: win 1, tie 0.5, loss 0."""
     pairs = [(s > r) + 0.5 * (s == r) for s in scores for r in reference_scores]
@@ -121,14 +132,8 @@ def evaluate_policy(
         distinct.append(len(set(responses[i])) / n_samples)
         if references is not None:
             wins.append(win_rate(golds, [gold_score(prompt, r) for r in references[i]]))
-    golds = [s["gold"] for s in samples]
-    lens = [s["length"] for s in samples]
     metrics = {
-        "gold_mean": statistics.fmean(golds),
-        "gold_std": statistics.pstdev(golds),
-        "perfect_fraction": statistics.fmean(g == 1.0 for g in golds),
-        "length_mean": statistics.fmean(lens),
-        "length_std": statistics.pstdev(lens),
+        **quality_stats([s["gold"] for s in samples], [s["length"] for s in samples]),
         "wrong_length_fraction": statistics.fmean(
             len(s["response"].split()) != len(parse_prompt(s["prompt"])) for s in samples
         ),
