@@ -96,8 +96,11 @@ def test_seed_round_and_two_rounds_through_the_cli(adapter, tiny_model_dir, tiny
     judged = [lp for r in rows for lp in r["policy_logps"]]
     recomputed = _policy_logps(tiny_model_dir, str(out / "selfee" / "round_1" / "adapter"), rows,
                                load_in_4bit=adapter == "qlora")
-    tol = 1e-4 if adapter == "lora" else 1e-3  # 4-bit matmuls on CPU may reorder float sums
-    torch.testing.assert_close(torch.tensor(judged), torch.tensor(recomputed), atol=tol, rtol=0)
+    tol = 1e-4 if adapter == "lora" else 1e-3
+    # bitsandbytes' CPU 4-bit matmul gives shape-dependent rounding: a response judged inside a padded batch and
+    # recomputed alone differ by up to ~1e-4 relative (measured 1.2e-3 and 1.3e-3 on log-probs near -13).
+    rtol = 0 if adapter == "lora" else 2e-4
+    torch.testing.assert_close(torch.tensor(judged), torch.tensor(recomputed), atol=tol, rtol=rtol)
     round_0 = _policy_logps(tiny_model_dir, str(out / "selfee" / "round_0" / "adapter"), rows,
                             load_in_4bit=adapter == "qlora")
     assert max(abs(a - b) for a, b in zip(judged, round_0)) > 10 * tol  # and not by round 0's
