@@ -8,4 +8,4 @@ export AXOLOTL_DO_NOT_TRACK=1 HF_HUB_OFFLINE=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 # torch first and pinned: 2.13.0 is a local CPU build; a dependency resolving it alone may pull CUDA wheels.
 pip install -q "torch==2.13.0"
 pip install -q -e .
-python -m selfee_plugin.demo.run "$@"
+PYTHONPATH="examples${PYTHONPATH:+:$PYTHONPATH}" python -m selfee_demo.run "$@"

@@ -16,10 +16,15 @@ import math
 import os
 import shutil
 import statistics
+import sys
 import time
+from pathlib import Path
 
-from selfee_plugin.demo.build import build_demo
-from selfee_plugin.demo.run import evaluate_run, train, write_config
+# The demo package lives outside the wheel, in examples/selfee_demo.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+
+from selfee_demo.build import build_demo  # noqa: E402
+from selfee_demo.run import evaluate_run, train, write_config  # noqa: E402
 
 VARIANTS = {
     "selfee": {},

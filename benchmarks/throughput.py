@@ -10,9 +10,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+# The demo package lives outside the wheel, in examples/selfee_demo.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 
 def main() -> None:
@@ -25,9 +30,9 @@ def main() -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from selfee_demo.build import build_demo
+    from selfee_demo.evaluate import read_jsonl
     from selfee_plugin.args import GenerationConfig
-    from selfee_plugin.demo.build import build_demo
-    from selfee_plugin.demo.evaluate import read_jsonl
     from selfee_plugin.generation import generate_responses, tokenize_completion
     from selfee_plugin.judge import score_sequences
 

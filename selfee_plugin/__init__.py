@@ -1,6 +1,14 @@
 """SELFEE / SPA self-annotated preference alignment as an Axolotl plugin."""
 
 from .args import SelfeeArgs, SelfeeConfig
-from .plugin import SelfeePlugin
 
 __all__ = ["SelfeeArgs", "SelfeeConfig", "SelfeePlugin"]
+
+
+def __getattr__(name):
+    # The plugin class imports Axolotl; generation, judgment and the benchmarks must import without it.
+    if name == "SelfeePlugin":
+        from .plugin import SelfeePlugin
+
+        return SelfeePlugin
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

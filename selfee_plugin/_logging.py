@@ -1,7 +1,11 @@
 """Loggers under Axolotl's namespace, so its log config shows our INFO lines (it filters others to WARNING)."""
 
-from axolotl.utils.logging import get_logger as _axolotl_get_logger
+import logging
 
 
 def get_logger(name: str):
-    return _axolotl_get_logger(f"axolotl.integrations.{name}")
+    try:
+        from axolotl.utils.logging import get_logger as axolotl_get_logger
+    except ImportError:  # generation/judgment/benchmarks also run where Axolotl is not installed (a GPU box)
+        return logging.getLogger(f"axolotl.integrations.{name}")
+    return axolotl_get_logger(f"axolotl.integrations.{name}")

@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
+import os
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+# A hub id ("org/name" or "name"); anything else that is not on disk is a missing local path.
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".arrow", ".txt")
+REFINE_LOSS_TYPES = {"sigmoid", "sft"}
+
+
+def _missing_local_path(path: str, is_file_type: bool = False) -> bool:
+    if os.path.exists(path):
+        return False
+    looks_local = path.startswith(("/", ".", "~")) or path.endswith(DATA_SUFFIXES) or is_file_type
+    return looks_local or not HUB_ID.match(path)
 
 
 class _Block(BaseModel):
@@ -43,8 +58,25 @@ class GenerationConfig(_Block):
     max_new_tokens: int = Field(default=300, gt=0, description="Most tokens generated per response.")
     temperature: float = Field(default=0.7, gt=0.0, description="Sampling temperature.")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
-    batch_size: int = Field(default=16, gt=0, description="Prompts per generation batch.")
-    backend: Literal["hf"] = Field(default="hf", description="Generation backend; `hf` is transformers' generate.")
+    batch_size: int | Literal["auto"] = Field(
+        default="auto",
+        description="Prompts per generate() call. `auto`: on an accelerator the most whose KV cache and sampling "
+        "buffers fit the free memory with a margin (at most 256 sequences), on CPU 64 sequences. An out-of-memory "
+        "error halves it and retries the same prompts.",
+    )
+    chunk_size: int = Field(
+        default=512, gt=0, description="Prompts generated and judged per resumable chunk: each chunk's rows are "
+        "written before the next starts, so a crash loses at most one chunk."
+    )
+    merge_adapter: bool | Literal["auto"] = Field(
+        default="auto",
+        description="Sample from a temporary copy with the LoRA merged (QLoRA: dequantized base + LoRA in the compute "
+        "dtype), freed before judging; never changes the trained or judging weights. `auto`: on an accelerator when "
+        "the copy fits beside the generation batch; never on CPU.",
+    )
+    backend: Literal["hf"] = Field(
+        default="hf", description="Generation backend (`generation.SAMPLERS`); `hf` is transformers' generate."
+    )
     max_prompt_length: int = Field(
         default=1024, gt=0, description="Prompts longer than this many tokens are skipped and counted, never truncated."
     )
@@ -70,13 +102,44 @@ class JudgeConfig(_Block):
         description="Held-out human-labelled pairs (an Axolotl DPO dataset entry) to measure judge accuracy "
         "each round.",
     )
-    batch_size: int = Field(default=16, gt=0, description="Responses per judgment forward pass.")
+    batch_tokens: int = Field(
+        default=8192, gt=0, description="Padded tokens per judgment forward pass (sequences batched longest first)."
+    )
     length_bias_warning: float = Field(
         default=0.8,
         ge=0.0,
         le=1.0,
         description="Warn when more than this share of unequal-length pairs chose the longer response.",
     )
+
+
+    @field_validator("eval_pairs")
+    @classmethod
+    def _eval_pairs_exist(cls, entry):
+        if entry is None:
+            return entry
+        path = entry.get("path")
+        if not isinstance(path, str) or not path:
+            raise ValueError(
+                f"selfee.judge.eval_pairs needs a `path` (got {entry!r}); e.g. "
+                "{path: heldout_pairs.jsonl, ds_type: json, type: chat_template.default}."
+            )
+        if _missing_local_path(path, bool(entry.get("ds_type") or entry.get("data_files"))):
+            raise ValueError(
+                f"selfee.judge.eval_pairs.path {path!r} does not exist (and is not a hub dataset id); give the path "
+                "of a held-out human-labelled pairs file, or remove judge.eval_pairs."
+            )
+        return entry
+
+    @field_validator("reference_model")
+    @classmethod
+    def _reference_model_exists(cls, path):
+        if path is not None and _missing_local_path(path):
+            raise ValueError(
+                f"selfee.judge.reference_model {path!r} is neither a local model directory nor a hub id (org/name); "
+                "give the directory of a saved model (config.json + weights) or a hub id."
+            )
+        return path
 
 
 class RefineConfig(_Block):
@@ -124,6 +187,15 @@ class SelfeeConfig(_Block):
         description="DPO reference of round t: `previous` (pi_{t-1}, the paper) or `initial` (pi_init).",
     )
     shuffle_seed: int = Field(default=42, description="Seed of the fixed shuffle of the prompt pool.")
+
+    @field_validator("generation")
+    @classmethod
+    def _batch_size_positive(cls, generation):
+        if isinstance(generation.batch_size, int) and generation.batch_size <= 0:
+            raise ValueError(
+                f"selfee.generation.batch_size is {generation.batch_size}; give a positive number of prompts or `auto`."
+            )
+        return generation
 
     @field_validator("rounds")
     @classmethod
@@ -178,6 +250,19 @@ class SelfeeArgs(BaseModel):
         if rl != "dpo":
             raise ValueError(
                 f"selfee requires `rl: dpo` (got rl: {rl!r}); SELFEE trains DPO on its judged pairs. Set rl: dpo."
+            )
+        problems = []
+        losses = data.get("dpo_loss_type") or ["sigmoid"]
+        if not set(losses) <= REFINE_LOSS_TYPES or "sigmoid" not in losses:
+            problems.append(f"dpo_loss_type: {losses} (allowed: [sigmoid], or [sigmoid, sft] with dpo_loss_weights)")
+        for key in ("dpo_use_weighting", "dpo_use_liger_kernel"):
+            if data.get(key):
+                problems.append(f"{key}: {data[key]} (allowed: false)")
+        if problems:
+            raise ValueError(
+                "selfee trains SPA's noise-aware loss, which is sigmoid DPO plus label smoothing of noisy pairs, so it "
+                f"cannot run with {'; '.join(problems)}. Remove these keys; to train another preference loss on "
+                "SELFEE's judged pairs, use them as a dataset (type: selfee_plugin.judged_pairs) without `selfee:`."
             )
         selfee = data["selfee"]
         judge = (selfee.get("judge") or {}) if isinstance(selfee, dict) else {}

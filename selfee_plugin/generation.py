@@ -1,120 +1,28 @@
-"""Sampling of new responses from the current policy, and the text format that DPO training reads back."""
+"""Sampling responses from the current policy: the sampler interface, its HF backend, and batch sizing to the machine."""
 
 from __future__ import annotations
 
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from tqdm.auto import tqdm
-from trl.data_utils import _tokenize
-from trl.trainer.utils import pad
 
 from ._logging import get_logger
+from .formatting import format_prompt, tokenize_prompt
 
 LOG = get_logger(__name__)
 
-# Axolotl's `chat_template.default` DPO strategy renders each answer after this user turn and cuts at its content.
-DUMMY_USER_MESSAGE = {"role": "user", "content": "[[dummy_message]]"}
-
-
-def format_prompt(tokenizer, messages: list[dict], chat_template: str | None = None) -> str:
-    """Render the prompt turns with the generation prompt, as Axolotl's `chat_template.default` DPO strategy does."""
-    return tokenizer.apply_chat_template(
-        messages, add_generation_prompt=True, chat_template=chat_template, tokenize=False
-    )
-
-
-def format_completion(tokenizer, content: str, chat_template: str | None = None) -> str:
-    """Render one assistant answer as Axolotl's `chat_template.default` does: from its content to the end of turn.
-
-    Axolotl cuts at `rendered.find(content)`, which for a short answer such as "a" can match inside the dummy turn
-    or the assistant header; the search starts after the generation prompt instead (after the dummy turn when the
-    template renders the two differently), which gives the same string whenever Axolotl's is right.
-    """
-    rendered = tokenizer.apply_chat_template(
-        [DUMMY_USER_MESSAGE, {"role": "assistant", "content": content}],
-        add_generation_prompt=False,
-        chat_template=chat_template,
-        tokenize=False,
-    )
-    header = format_prompt(tokenizer, [DUMMY_USER_MESSAGE], chat_template)
-    if rendered.startswith(header):
-        offset = len(header)
-    else:
-        offset = rendered.find(DUMMY_USER_MESSAGE["content"]) + len(DUMMY_USER_MESSAGE["content"])
-    start = rendered.find(content, offset)
-    if start < 0:
-        start = rendered.find(content)
-    return rendered[start:].rstrip()
-
-
-def format_preference_rows(
-    rows: list[dict],
-    tokenizer,
-    strategy: str = "chat_template.default",
-    ds_cfg: dict | None = None,
-    chat_template: str | None = None,
-) -> list[dict]:
-    """Format raw preference rows into prompt/chosen/rejected strings with one of Axolotl's own DPO strategies.
-
-    Args:
-        rows: raw dataset rows, e.g. messages/chosen/rejected for `chat_template.default`.
-        strategy: an Axolotl DPO `type:` (`chat_template.default`, `chatml.intel`, ...).
-        ds_cfg: the dataset entry's options (`field_messages`, `roles`, ...), as in Axolotl's `datasets:`.
-        chat_template: Jinja template overriding the tokenizer's.
-
-    Raises:
-        ValueError: Axolotl has no DPO strategy of that name.
-    """
-    import inspect
-
-    from axolotl.prompt_strategies.dpo import load as load_dpo_strategy
-    from axolotl.utils.dict import DictDefault
-
-    cfg = DictDefault({"datasets": [DictDefault(dict(ds_cfg or {}))]})
-    if chat_template is not None:
-        cfg.update(chat_template="jinja", chat_template_jinja=chat_template)
-    transform = load_dpo_strategy(strategy, cfg, dataset_idx=0)
-    if transform is None:
-        raise ValueError(f"{strategy!r} is not an Axolotl DPO dataset type (see the warning above for why).")
-    transform = transform[0] if isinstance(transform, tuple) else transform
-    kwargs = {"tokenizer": tokenizer} if "tokenizer" in inspect.signature(transform).parameters else {}
-    return [transform(dict(row), **kwargs) for row in rows]
-
-
-def tokenize_prompt(tokenizer, prompt: str) -> list[int]:
-    """Token ids of a formatted prompt, exactly as TRL 1.9's `DPOTrainer._prepare_dataset` builds `prompt_ids`."""
-    return list(_tokenize(tokenizer, prompt)["input_ids"])
-
-
-def tokenize_completion(tokenizer, prompt: str, completion: str) -> tuple[list[int], list[int]]:
-    """Token ids of a formatted (prompt, completion) pair, exactly as TRL 1.9's DPO training sees them.
-
-    TRL appends EOS to a completion that lacks it, tokenizes `prompt` and `prompt + completion` (non-conversational
-    path) and keeps the tail after the prompt's length. Axolotl's double-BOS fix (`AxolotlDPOTrainer._tokenize`)
-    is not reproduced: TRL 1.9 calls the module-level `trl.data_utils._tokenize`, so that override never runs.
-
-    Returns:
-        prompt_ids, completion_ids: the ids `DataCollatorForPreference` concatenates.
-    """
-    if not completion.endswith(tokenizer.eos_token):
-        completion = completion + tokenizer.eos_token
-    prompt_ids = tokenize_prompt(tokenizer, prompt)
-    full_ids = list(_tokenize(tokenizer, prompt + completion)["input_ids"])
-    if full_ids[: len(prompt_ids)] != prompt_ids:
-        LOG.debug("prompt tokens differ at the prompt/completion boundary; following TRL's split by length")
-    return prompt_ids, full_ids[len(prompt_ids) :]
-
-
-def stop_token_ids(model, tokenizer) -> list[int]:
-    """EOS ids that end an answer: the tokenizer's EOS plus any the model's generation config lists (end of turn)."""
-    ids = {tokenizer.eos_token_id}
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if configured is not None:
-        ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
-    return sorted(i for i in ids if i is not None)
+# Sequences per batch with `batch_size: auto` on CPU: enough to amortise per-step overhead, small enough for RAM.
+CPU_AUTO_SEQUENCES = 64
+# Upper bound for `auto` on an accelerator. Decode steps are overhead-bound (4-bit dequantization, unmerged LoRA,
+# Python per step), so throughput grows almost linearly with the batch up to here (H100, 7B QLoRA: 283 tokens/s at 32
+# sequences, 1,886 at 256, 16.9 GiB peak); beyond it memory grows faster than throughput.
+AUTO_MAX_SEQUENCES = 256
+# Share of the free accelerator memory `auto` plans to use: allocator fragmentation and transient buffers need the rest.
+MEMORY_MARGIN = 0.85
 
 
 @dataclass
@@ -128,6 +36,7 @@ class Generations:
         skipped: prompt index -> reason (`prompt_too_long`).
         generated_tokens: sampled tokens, EOS included, padding after EOS excluded.
         seconds: wall time of sampling.
+        batch_prompts: prompts per generate() call actually used (after any out-of-memory halving).
     """
 
     prompts: list[str]
@@ -136,10 +45,14 @@ class Generations:
     skipped: dict[int, str] = field(default_factory=dict)
     generated_tokens: int = 0
     seconds: float = 0.0
+    batch_prompts: int = 0
 
 
-def _model_device(model) -> torch.device:
-    return next(model.parameters()).device
+class Sampler(Protocol):
+    """What the round loop needs from a generation backend (`selfee.generation.backend`)."""
+
+    def generate(self, prompts: list[list[dict]], n: int, seed: int) -> Generations:
+        """Sample `n` answers per prompt (chat turns ending before the answer), reproducibly for a given seed."""
 
 
 @contextmanager
@@ -153,6 +66,15 @@ def eval_mode(*modules):
     finally:
         for m, training in flags:
             m.training = training
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """EOS ids that end an answer: the tokenizer's EOS plus any the model's generation config lists (end of turn)."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if configured is not None:
+        ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
+    return sorted(i for i in ids if i is not None)
 
 
 def _sampling_kwargs(gen_cfg, n: int, stop_ids: list[int], pad_token_id: int) -> dict:
@@ -177,76 +99,180 @@ def _sampling_kwargs(gen_cfg, n: int, stop_ids: list[int], pad_token_id: int) ->
     }
 
 
-@torch.no_grad()
-def generate_responses(
-    model,
-    tokenizer,
-    prompts: list[list[dict]],
-    gen_cfg,
-    n: int,
-    seed: int,
-    chat_template: str | None = None,
-    progress: bool = True,
-) -> Generations:
-    """Sample `n` answers per prompt from `model` (plain or PEFT), in batches of `gen_cfg.batch_size` prompts.
+# ----------------------------------------------------------------------------------------------- batch sizing
 
-    Prompts are rendered with the chat template's generation prompt and tokenized as DPO training will; those longer
-    than `gen_cfg.max_prompt_length` tokens are skipped (never truncated). Batches are left padded by hand (the
-    tokenizer's padding side is never touched), sorted by length to waste little padding, and sampled with the KV
-    cache. Sampling runs under a forked RNG seeded with `seed`, so the caller's RNG state is unchanged and the same
-    seed and prompts give the same answers. The model's train/eval mode is restored afterwards.
+
+def free_accelerator_bytes(device: torch.device) -> int:
+    """Bytes this process may still allocate on `device`: the driver's free memory plus PyTorch's cached free blocks,
+    capped by `torch.cuda.set_per_process_memory_fraction` when one is set."""
+    free, total = torch.cuda.mem_get_info(device)
+    reserved, allocated = torch.cuda.memory_reserved(device), torch.cuda.memory_allocated(device)
+    available = free + reserved - allocated
+    get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)  # torch >= 2.10
+    fraction = get_fraction(device) if get_fraction is not None else 1.0
+    return int(min(available, fraction * total - allocated))
+
+
+def sequence_bytes(config, tokens: int, prompt_tokens: int, dtype_bytes: int = 2) -> int:
+    """Accelerator bytes one generated sequence needs: its KV cache, sampling buffers and its share of the prefill.
 
     Args:
-        model: the current policy.
-        tokenizer: its tokenizer; `pad_token_id` must be set.
-        prompts: chat turns per prompt, ending before the answer.
-        gen_cfg: `selfee.generation` (`GenerationConfig`).
-        n: answers per prompt.
-        seed: sampling seed.
-        chat_template: Jinja template overriding the tokenizer's, as Axolotl's `chat_template` choice resolves it.
-        progress: show a tqdm bar over batches.
-
-    Returns:
-        Generations aligned with `prompts`.
+        config: the model's transformers config (layers, KV heads, head dim, vocabulary, MLP width).
+        tokens: prompt + new tokens the cache must hold.
+        prompt_tokens: tokens of the prompt (prefill activations).
+        dtype_bytes: bytes per cached value (2 for bf16/fp16).
     """
-    device = _model_device(model)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    stop_ids = stop_token_ids(model, tokenizer)
-    texts = [format_prompt(tokenizer, m, chat_template) for m in prompts]
-    out = Generations(prompts=texts, responses=[None] * len(texts), finished=[None] * len(texts))
-    kept = []
-    for i, text in enumerate(texts):
-        ids = tokenize_prompt(tokenizer, text)
-        if len(ids) > gen_cfg.max_prompt_length:
-            out.skipped[i] = "prompt_too_long"
-        else:
-            kept.append((i, ids))
-    if out.skipped:
-        LOG.info(f"skipped {len(out.skipped)} prompt(s) longer than {gen_cfg.max_prompt_length} tokens")
-    kept.sort(key=lambda item: len(item[1]), reverse=True)
-    batches = [kept[k : k + gen_cfg.batch_size] for k in range(0, len(kept), gen_cfg.batch_size)]
-    kwargs = _sampling_kwargs(gen_cfg, n, stop_ids, pad_id)
+    text = getattr(config, "text_config", None) or config
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    kv = 2 * text.num_hidden_layers * kv_heads * head_dim * tokens * dtype_bytes
+    # float32 logits, their softmax, top-p's sorted copy and int64 indices: about 6 float32 vectors per sequence.
+    sampling = 6 * text.vocab_size * 4
+    mlp = getattr(text, "intermediate_size", 4 * text.hidden_size)
+    prefill = prompt_tokens * (3 * mlp + 4 * text.hidden_size) * dtype_bytes
+    return kv + sampling + prefill
 
-    start = time.perf_counter()
-    devices = [device] if device.type == "cuda" else []
-    with eval_mode(model):
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            for batch in tqdm(batches, desc="selfee generate", disable=not progress):
-                input_ids = pad([torch.tensor(ids) for _, ids in batch], pad_id, "left").to(device)
-                attention_mask = pad([torch.ones(len(ids), dtype=torch.long) for _, ids in batch], 0, "left")
-                sequences = model.generate(
-                    input_ids=input_ids, attention_mask=attention_mask.to(device), **kwargs
-                )
-                new_tokens = sequences[:, input_ids.shape[1] :].cpu()  # (B * n, T), sequences of a prompt adjacent
-                for row, (index, _) in enumerate(batch):
-                    answers, finished = [], []
-                    for ids in new_tokens[row * n : (row + 1) * n].tolist():
-                        stop = next((k for k, tok in enumerate(ids) if tok in stop_ids), None)
-                        finished.append(stop is not None)
-                        ids = ids if stop is None else ids[: stop + 1]
-                        out.generated_tokens += len(ids)
-                        answers.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
-                    out.responses[index], out.finished[index] = answers, finished
-    out.seconds = time.perf_counter() - start
-    return out
+
+def auto_batch_sequences(model, prompt_tokens: int, max_new_tokens: int, reserve_bytes: int = 0) -> int:
+    """Sequences per generate() call for `batch_size: auto`: a fixed modest batch on CPU; on an accelerator the most
+    whose cache and buffers fit the free memory with a margin (after `reserve_bytes`), at most AUTO_MAX_SEQUENCES."""
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        return CPU_AUTO_SEQUENCES
+    budget = MEMORY_MARGIN * free_accelerator_bytes(device) - reserve_bytes
+    per_sequence = sequence_bytes(model.config, prompt_tokens + max_new_tokens, prompt_tokens)
+    return int(max(1, min(AUTO_MAX_SEQUENCES, budget // per_sequence)))
+
+
+# ----------------------------------------------------------------------------------------------- the HF backend
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+class HFSampler:
+    """transformers `generate` on the policy (or, with `generation.merge_adapter`, on a merged copy of it).
+
+    Prompts are rendered with the chat template's generation prompt and tokenized as DPO training will; those longer
+    than `max_prompt_length` tokens are skipped (never truncated). Batches are left padded by hand (the tokenizer's
+    padding side is never touched), sorted by length to waste little padding, and sampled with the KV cache under a
+    forked RNG seeded per call, so the caller's RNG state is unchanged and the same seed, prompts and batch size give
+    the same answers. An out-of-memory error halves the batch and retries the same prompts; the smaller size is kept.
+    """
+
+    def __init__(self, model, tokenizer, gen_cfg, progress: bool = False):
+        self.model, self.tokenizer, self.cfg, self.progress = model, tokenizer, gen_cfg, progress
+        self.batch_prompts = None if gen_cfg.batch_size == "auto" else gen_cfg.batch_size
+
+    def _plan_batch(self, model, longest_prompt: int, n: int, reserve_bytes: int = 0) -> int:
+        if self.batch_prompts is None:
+            sequences = auto_batch_sequences(model, longest_prompt, self.cfg.max_new_tokens, reserve_bytes)
+            self.batch_prompts = max(1, sequences // n)
+            LOG.info(f"selfee generation: batch_size auto -> {self.batch_prompts} prompts x {n} samples")
+        return self.batch_prompts
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[dict]], n: int, seed: int) -> Generations:
+        model, tokenizer, cfg = self.model, self.tokenizer, self.cfg
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        texts = [format_prompt(tokenizer, m) for m in prompts]
+        out = Generations(prompts=texts, responses=[None] * len(texts), finished=[None] * len(texts))
+        kept = []
+        for i, text in enumerate(texts):
+            ids = tokenize_prompt(tokenizer, text)
+            if len(ids) > cfg.max_prompt_length:
+                out.skipped[i] = "prompt_too_long"
+            else:
+                kept.append((i, ids))
+        if out.skipped:
+            LOG.info(f"skipped {len(out.skipped)} prompt(s) longer than {cfg.max_prompt_length} tokens")
+        if not kept:
+            return out
+        kept.sort(key=lambda item: len(item[1]), reverse=True)
+
+        start = time.perf_counter()
+        with self._sampling_model(len(kept[0][1]), n) as sampling_model:
+            stop_ids = stop_token_ids(sampling_model, tokenizer)
+            kwargs = _sampling_kwargs(cfg, n, stop_ids, pad_id)
+            device = next(sampling_model.parameters()).device
+            self._plan_batch(sampling_model, len(kept[0][1]), n)
+            devices = [device] if device.type == "cuda" else []
+            with eval_mode(sampling_model), torch.random.fork_rng(devices=devices):
+                torch.manual_seed(seed)
+                position = 0
+                with tqdm(total=len(kept), desc="selfee generate", disable=not self.progress) as bar:
+                    while position < len(kept):
+                        batch = kept[position : position + self.batch_prompts]
+                        try:
+                            sequences = self._generate_batch(sampling_model, batch, pad_id, device, kwargs)
+                        except RuntimeError as error:
+                            if not _is_out_of_memory(error) or self.batch_prompts == 1:
+                                raise
+                            self.batch_prompts //= 2
+                            LOG.warning(f"selfee generation: out of memory; retrying with {self.batch_prompts} prompts")
+                            if device.type == "cuda":
+                                torch.cuda.empty_cache()
+                            continue
+                        self._collect(out, batch, sequences, n, stop_ids)
+                        position += len(batch)
+                        bar.update(len(batch))
+        out.seconds = time.perf_counter() - start
+        out.batch_prompts = self.batch_prompts
+        return out
+
+    @contextmanager
+    def _sampling_model(self, longest_prompt: int, n: int):
+        from .merging import merged_copy, should_merge
+
+        model, cfg = self.model, self.cfg
+        needed = 0
+        if cfg.merge_adapter is not False and next(model.parameters()).device.type == "cuda":
+            sequences = self.batch_prompts * n if self.batch_prompts else min(
+                AUTO_MAX_SEQUENCES, auto_batch_sequences(model, longest_prompt, cfg.max_new_tokens)
+            )
+            needed = sequences * sequence_bytes(model.config, longest_prompt + cfg.max_new_tokens, longest_prompt)
+        if not should_merge(model, cfg, needed):
+            yield model
+            return
+        merged = merged_copy(model)
+        try:
+            yield merged
+        finally:  # freed before judging: the judge needs that memory for its own batches
+            del merged
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    @staticmethod
+    def _generate_batch(model, batch, pad_id, device, kwargs) -> torch.Tensor:
+        from trl.trainer.utils import pad
+
+        input_ids = pad([torch.tensor(ids) for _, ids in batch], pad_id, "left").to(device)
+        attention_mask = pad([torch.ones(len(ids), dtype=torch.long) for _, ids in batch], 0, "left").to(device)
+        sequences = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        return sequences[:, input_ids.shape[1] :].cpu()  # (B * n, T), the n sequences of a prompt adjacent
+
+    def _collect(self, out: Generations, batch, new_tokens: torch.Tensor, n: int, stop_ids: list[int]) -> None:
+        for row, (index, _) in enumerate(batch):
+            answers, finished = [], []
+            for ids in new_tokens[row * n : (row + 1) * n].tolist():
+                stop = next((k for k, tok in enumerate(ids) if tok in stop_ids), None)
+                finished.append(stop is not None)
+                ids = ids if stop is None else ids[: stop + 1]
+                out.generated_tokens += len(ids)
+                answers.append(self.tokenizer.decode(ids, skip_special_tokens=True).strip())
+            out.responses[index], out.finished[index] = answers, finished
+
+
+SAMPLERS = {"hf": HFSampler}
+
+
+def make_sampler(model, tokenizer, gen_cfg, progress: bool = False) -> Sampler:
+    """The sampler `selfee.generation.backend` names."""
+    return SAMPLERS[gen_cfg.backend](model, tokenizer, gen_cfg, progress=progress)
+
+
+def generate_responses(model, tokenizer, prompts, gen_cfg, n: int, seed: int, progress: bool = False) -> Generations:
+    """Sample `n` answers per prompt with the configured backend (see `HFSampler`)."""
+    return make_sampler(model, tokenizer, gen_cfg, progress).generate(prompts, n, seed)

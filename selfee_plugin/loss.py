@@ -7,9 +7,9 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from trl.trainer.utils import selective_log_softmax
 
 from ._logging import get_logger
+from .logprobs import sequence_logps
 
 LOG = get_logger(__name__)
 
@@ -62,9 +62,14 @@ def noise_aware_dpo_loss(
         With alpha = 0 this is TRL's sigmoid loss `-logsigmoid(beta * z)` exactly.
     """
     logits = beta * compute_margins(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    weight = smoothing * noisy.to(logits.dtype)  # (B,): alpha on noisy pairs, 0 on clean ones
-    # SPA Eq. 9: a noisy pair is trained towards P(y_w > y_l) = 1 - alpha instead of 1.
-    return -(1 - weight) * F.logsigmoid(logits) - weight * F.logsigmoid(-logits)
+    # SPA Eq. 9: a noisy pair is trained towards P(y_w > y_l) = 1 - alpha instead of 1; written as TRL's sigmoid
+    # loss plus a linear term, -(1 - a) logsig(x) - a logsig(-x) = -logsig(x) + a x, which is how the trainer adds it.
+    return -F.logsigmoid(logits) + linear_smoothing_term(logits, smoothing * noisy.to(logits.dtype))
+
+
+def linear_smoothing_term(logits: torch.Tensor, weight: torch.Tensor | float) -> torch.Tensor:
+    """(B,) a * x: what label smoothing with weight a adds to the sigmoid DPO loss -logsig(x) of a pair with logit x."""
+    return weight * logits
 
 
 @torch.no_grad()
@@ -96,13 +101,9 @@ def compute_extrapolated_logps(
     for start in range(0, logits.shape[0], chunk_size):
         end = start + chunk_size
         # float32: in bf16 the difference of two scaled logit tensors loses the small shifts that matter here.
-        h = logits[start:end].detach().float()
-        h_ref = ref_logits[start:end].detach().float()
-        h_ext = (1 + extrapolation) * h - extrapolation * h_ref  # (c, T, V), SPA Eq. 8
-        per_token = selective_log_softmax(h_ext, labels[start:end])  # (c, T)
-        per_token = per_token.masked_fill(completion_mask[start:end] == 0, 0.0)
-        sums.append(per_token.sum(dim=1))
-        del h, h_ref, h_ext
+        h_ext = (1 + extrapolation) * logits[start:end].detach().float() - extrapolation * ref_logits[start:end].float()
+        sums.append(sequence_logps(h_ext, labels[start:end], completion_mask[start:end]))  # SPA Eq. 8 on (c, T, V)
+        del h_ext
     return torch.cat(sums)
 
 

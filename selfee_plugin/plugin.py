@@ -18,24 +18,35 @@ class SelfeePlugin(BasePlugin):
         self._model = None
         self._model_ref = None
         self._pool = None
+        self._state = None
 
     def get_input_args(self) -> str:
         return "selfee_plugin.args.SelfeeArgs"
 
     def pre_model_load(self, cfg):
-        # Load the prompt pool before any model, so a bad pool fails in seconds, not after loading weights.
+        # Everything that can fail without weights fails here, in seconds: the prompt pool, eval pairs, resume.
         selfee = parse_selfee(cfg)
-        if selfee and selfee.round_sizes and self._pool is None:
-            from .strategies import load_prompt_pool
+        if not selfee:
+            return
+        from .resume import check_resume
+
+        if selfee.round_sizes and self._pool is None:
+            from .prompt_pool import load_prompt_pool
 
             self._pool = load_prompt_pool(selfee, selfee.round_sizes)
             LOG.info(f"selfee: prompt pool of {len(self._pool)} prompts for rounds {selfee.round_sizes}")
+        self._state = check_resume(cfg, selfee, self._pool)
+        if self._state["completed"]:
+            LOG.info(f"selfee: resuming {cfg.output_dir}; finished rounds {sorted(self._state['completed'])}")
 
     def post_model_load(self, cfg, model):
         # Axolotl loads the policy first and, for full fine-tuning, the reference second (axolotl/train.py
         # setup_model_and_trainer); both pass through this hook, in that order.
         if not cfg.selfee:
             return
+        from .patches import bitsandbytes_cpu_weight_packing
+
+        bitsandbytes_cpu_weight_packing.apply(model, LOG)
         if self._model is not None:
             self._model_ref = model
             return
@@ -70,3 +81,4 @@ class SelfeePlugin(BasePlugin):
     def post_trainer_create(self, cfg, trainer):
         if cfg.selfee:
             trainer.prompt_pool = self._pool
+            trainer.selfee_state = self._state

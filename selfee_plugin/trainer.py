@@ -1,17 +1,24 @@
-"""SelfeeDPOTrainer: Axolotl's DPO trainer plus the SELFEE round loop and the noise-aware loss.
+"""SelfeeDPOTrainer: Axolotl's DPO trainer plus the SELFEE round loop and SPA's noise-aware loss as an added term.
+
+The loss is TRL 1.9's own `compute_loss` in every round (so every metric TRL logs keeps being logged), run with the
+output layer's logits upcast to float32 (`logprobs.float32_logits`) so its log-softmax and sums take TRL's float32
+path; refine rounds add SPA's smoothing of the noisy pairs as a linear term (`loss.linear_smoothing_term`).
 
 Upstream internals this module relies on (read from TRL 1.9.0, transformers 5.16, Axolotl 0.19.0);
-`tests/test_trainer.py::test_upstream_contract` checks that each still exists on a real trainer:
+`tests/test_trainer.py::test_upstream_contract` checks each, with its signature where it is a callable:
 
 - `DPOTrainer._metrics` (private): `{"train"|"eval": defaultdict(list)}`; we append, TRL's `log()` averages.
 - `DPOTrainer` attributes set in its `__init__` (public names, undocumented): `beta`, `ref_model`, `loss_types`,
-  `loss_weights`, `ld_alpha`, `f_divergence_type`, `use_weighting`, `use_liger_kernel`, `aux_loss_enabled`,
-  `router_aux_loss_coef`.
+  `loss_weights`, `ld_alpha`, `f_divergence_type`, `use_weighting`, `use_liger_kernel`, `precompute_ref_logps`.
+- `DPOTrainer.compute_loss(model, inputs, return_outputs, num_items_in_batch)` returning `(loss, outputs)` with
+  `outputs.logits` when `return_outputs`; `DPOTrainer._prepare_dataset(dataset, processing_class, args, dataset_name)`
+  (private): tokenizes each round's judged pairs as TRL tokenizes any DPO dataset.
 - `Trainer._save_optimizer_and_scheduler(output_dir)` / `Trainer._load_optimizer_and_scheduler(checkpoint)`
   (private): the one save/load pair that every backend (DeepSpeed included) calls with the checkpoint folder;
-  we store the noise window beside the optimizer state there.
-- `trl.trainer.utils.use_adapter`, `trl.trainer.utils.selective_log_softmax`,
-  `trl.models.utils.disable_gradient_checkpointing`: helpers not exported from `trl`.
+  we store the noise window beside the optimizer state there. `Trainer.callback_handler.callbacks`: round events.
+- `trl.trainer.utils.use_adapter(model, adapter_name)`, `trl.trainer.utils.pad(tensors, padding_value, padding_side)`,
+  `trl.models.utils.disable_gradient_checkpointing(model, gradient_checkpointing_kwargs)`,
+  `trl.data_utils._tokenize(tokenizer, text)` (private; `formatting.py`): helpers not exported from `trl`.
 - `axolotl.utils.collators.dpo.AxolotlDPODataCollatorWithPadding`: detected and replaced (see `_preference_collator`).
 """
 
@@ -21,25 +28,23 @@ import json
 import os
 
 import torch
-import torch.nn.functional as F
-from accelerate.utils import is_peft_model
 from axolotl.core.trainers.dpo.trainer import AxolotlDPOTrainer
 from axolotl.utils.collators.dpo import AxolotlDPODataCollatorWithPadding
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.dpo_trainer import DataCollatorForPreference
-from trl.trainer.utils import selective_log_softmax, use_adapter
 from typing_extensions import override
 
 from ._logging import get_logger
-from .args import RefineConfig, parse_selfee
-from .loss import NoiseDetector, compute_extrapolated_logps, compute_margins, noise_aware_dpo_loss
+from .args import REFINE_LOSS_TYPES, RefineConfig, parse_selfee
+from .logprobs import float32_logits, sequence_logps
+from .loss import NoiseDetector, compute_extrapolated_logps, compute_margins, linear_smoothing_term
+from .references import dpo_reference, reference_context
 
 LOG = get_logger(__name__)
 
 NOISE_STATE_NAME = "selfee_noise_state.json"
 # Batch keys that are not model inputs (as in TRL's `_compute_loss`).
 NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
-REFINE_LOSS_TYPES = {"sigmoid", "sft"}
 
 
 def _preference_collator(data_collator, args, processing_class):
@@ -88,9 +93,12 @@ class SelfeeDPOTrainer(AxolotlDPOTrainer):
         # Axolotl hands plugins its validated config with the `selfee:` block dumped back to plain dicts.
         self.selfee = parse_selfee(selfee_cfg) if selfee_cfg is not None else None
         self.prompt_pool = None  # set by SelfeePlugin.post_trainer_create
+        self.selfee_state = None  # resume state checked before model load; set by SelfeePlugin.post_trainer_create
         self.refine = self.selfee.refine if self.selfee is not None else RefineConfig()
         self.noise_detector = NoiseDetector(window=self.refine.window, noisy_fraction=self.refine.noisy_fraction)
         self.refine_enabled = False
+        if self.selfee is not None and self.selfee.round_sizes:
+            self._check_refine_supported()  # before the seed round trains, not after it
 
     @override
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
@@ -114,6 +122,9 @@ class SelfeeDPOTrainer(AxolotlDPOTrainer):
         """
         if refine:
             self._check_refine_supported()
+            # Judged rounds carry log pi_{t-1} as `ref_*_logps` columns: TRL then runs no reference forward.
+            columns = getattr(self.train_dataset, "column_names", None) or []
+            self.precompute_ref_logps = {"ref_chosen_logps", "ref_rejected_logps"} <= set(columns)
         # The margins' scale changes with each round's reference, so last round's window says nothing about this one.
         self.noise_detector.reset()
         self.refine_enabled = refine
@@ -136,11 +147,15 @@ class SelfeeDPOTrainer(AxolotlDPOTrainer):
 
     @override
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if not self.refine_enabled:
-            return super().compute_loss(
-                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
-            )
-        return self._noise_aware_loss(model, inputs, return_outputs)
+        """TRL's DPO loss on float32 logits; in refine rounds plus SPA's smoothing of the pairs flagged as noisy."""
+        with float32_logits(self.accelerator.unwrap_model(model)), float32_logits(self.ref_model):
+            if not self.refine_enabled:
+                return super().compute_loss(
+                    model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+                )
+            loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=None)
+            loss = loss + self._smoothing_term(model, inputs, outputs.logits[:, :-1])
+        return (loss, outputs) if return_outputs else loss
 
     def _smoothing_active(self) -> bool:
         # SPA: no smoothing during the first warmup_ratio of the round's steps; each round's train() restarts the count.
@@ -148,127 +163,63 @@ class SelfeeDPOTrainer(AxolotlDPOTrainer):
         progress = self.state.global_step / max_steps if max_steps > 0 else 1.0
         return self.refine.smoothing > 0 and progress >= self.refine.warmup_ratio
 
-    def _reference_logits(self, model, model_kwargs) -> torch.Tensor:
-        """(2B, T, V) logits of the DPO reference, chosen as TRL does: the `ref` adapter, adapters off, or ref_model."""
-        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
-            unwrapped = self.accelerator.unwrap_model(model)
-            if self.ref_model is None and is_peft_model(unwrapped):
-                with use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
-                    return self.model(**model_kwargs).logits
-            if self.ref_model is None:
-                raise ValueError(
-                    "selfee needs reference logits (no ref_chosen_logps/ref_rejected_logps columns, or "
-                    "refine.extrapolation > 0), but this full fine-tuning run keeps no reference model."
-                )
-            return self.ref_model(**model_kwargs).logits
-
-    def _noise_aware_loss(self, model, inputs, return_outputs):
-        """SPA's self-refined DPO loss on one `[chosen; rejected]` batch.
-
-        Reference log-probs: the batch's `ref_chosen_logps`/`ref_rejected_logps` when present (the judged
-        log pi_{t-1}); otherwise one no-grad reference forward. That forward also runs when lambda > 0, since z~ needs
-        reference logits; with columns present and lambda = 0 there is no reference forward at all.
-        """
-        mode = "train" if self.model.training else "eval"
+    @torch.no_grad()
+    def _reference_logits(self, model, inputs) -> torch.Tensor:
+        """(2B, T, V) logits of the DPO reference, the one TRL would use (see `references.dpo_reference`)."""
         model_kwargs = {k: v for k, v in inputs.items() if k not in NON_MODEL_KEYS}
         model_kwargs["use_cache"] = False
-        if self.aux_loss_enabled:
-            model_kwargs["output_router_logits"] = True
-        outputs = model(**model_kwargs)
+        with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            with reference_context(self.accelerator.unwrap_model(model), dpo_reference(self)) as reference:
+                return reference(**model_kwargs).logits
 
-        shift_logits = outputs.logits[:, :-1, :]  # (2B, T-1, V) predicts shift_labels
-        shift_labels = inputs["input_ids"][:, 1:]
-        shift_mask = inputs["completion_mask"][:, 1:]
-        per_token_logps = selective_log_softmax(shift_logits, shift_labels)
-        per_token_logps[shift_mask == 0] = 0.0
-        chosen_logps, rejected_logps = per_token_logps.sum(dim=1).chunk(2, dim=0)  # (2B,) -> (B,), (B,)
+    def _smoothing_term(self, model, inputs, shift_logits: torch.Tensor) -> torch.Tensor:
+        """SPA Eq. 9 as what it adds to TRL's sigmoid loss: -(1-a) logsig(x) - a logsig(-x) = -logsig(x) + a x.
 
-        extrapolation = self.refine.extrapolation
-        has_ref_columns = "ref_chosen_logps" in inputs and "ref_rejected_logps" in inputs
-        ref_shift_logits = None
-        # The judged log pi_{t-1} arrive as columns; with lambda = 0 nothing else needs the reference model.
-        if extrapolation > 0 or not has_ref_columns:
-            ref_kwargs = {k: v for k, v in model_kwargs.items() if k != "output_router_logits"}
-            ref_shift_logits = self._reference_logits(model, ref_kwargs)[:, :-1, :]
-        if has_ref_columns:
-            ref_chosen_logps, ref_rejected_logps = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
-        else:
-            ref_per_token_logps = selective_log_softmax(ref_shift_logits, shift_labels)
-            ref_per_token_logps[shift_mask == 0] = 0.0
-            ref_chosen_logps, ref_rejected_logps = ref_per_token_logps.sum(dim=1).chunk(2, dim=0)
-
-        # SPA Eq. 8: de-coupled detection on the extrapolated policy; lambda = 0 gives pi~ = pi_theta.
-        if extrapolation > 0:
-            ext_logps = compute_extrapolated_logps(
-                shift_logits, ref_shift_logits, shift_labels, shift_mask, extrapolation
-            )
-            ext_chosen_logps, ext_rejected_logps = ext_logps.chunk(2, dim=0)  # (2B,) -> (B,), (B,)
-        else:
-            ext_chosen_logps, ext_rejected_logps = chosen_logps.detach(), rejected_logps.detach()
-        del ref_shift_logits
-        ext_scores = self.beta * compute_margins(
-            ext_chosen_logps, ext_rejected_logps, ref_chosen_logps.detach(), ref_rejected_logps.detach()
-        )
-        if mode == "train":
-            noisy, tau = self.noise_detector.update(ext_scores, gather=self.accelerator.gather)
-        else:  # evaluation reads the training window without adding to it
-            noisy, tau = self.noise_detector.flag(ext_scores), self.noise_detector.threshold()
-
-        smoothing_active = self._smoothing_active()
-        per_pair_loss = noise_aware_dpo_loss(
-            chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
-            noisy, self.beta, self.refine.smoothing if smoothing_active else 0.0,
-        )
-        # Same accumulation as TRL's `_compute_loss`, so alpha = 0 reproduces its loss bit for bit.
-        loss = 0.0
-        for loss_type, loss_weight in zip(self.loss_types, self.loss_weights, strict=True):
-            if loss_type == "sigmoid":
-                loss += per_pair_loss.mean() * loss_weight
-            else:  # "sft" (checked in begin_round): NLL of the chosen completions, as TRL computes it
-                half = len(shift_mask) // 2
-                chosen_mask = shift_mask[:half].bool()
-                sft_loss = F.cross_entropy(shift_logits[:half][chosen_mask], shift_labels[:half][chosen_mask])
-                loss += sft_loss * loss_weight
-        if self.aux_loss_enabled:
-            loss = loss + self.router_aux_loss_coef * outputs.aux_loss
-            self._metrics[mode]["aux_loss"].append(self.accelerator.gather(outputs.aux_loss.detach()).mean().item())
-
-        self._log_refine_metrics(
-            mode, shift_logits, shift_mask, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
-            ext_scores, noisy, tau, smoothing_active,
-        )
-        return (loss, outputs) if return_outputs else loss
-
-    def _log_refine_metrics(
-        self, mode, shift_logits, shift_mask, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
-        ext_scores, noisy, tau, smoothing_active,
-    ) -> None:
-        """Append TRL's reward/logp/logit metrics and the selfee/ detection metrics, gathered over processes."""
-        gather = self.accelerator.gather
-        metrics = self._metrics[mode]
-        chosen_rewards = self.beta * (chosen_logps - ref_chosen_logps).detach()
-        rejected_rewards = self.beta * (rejected_logps - ref_rejected_logps).detach()
-        metrics["rewards/chosen"].append(gather(chosen_rewards).mean().item())
-        metrics["rewards/rejected"].append(gather(rejected_rewards).mean().item())
-        metrics["rewards/accuracies"].append(gather((chosen_rewards > rejected_rewards).float()).mean().item())
-        metrics["rewards/margins"].append(gather(chosen_rewards - rejected_rewards).mean().item())
-        metrics["logps/chosen"].append(gather(chosen_logps.detach()).mean().item())
-        metrics["logps/rejected"].append(gather(rejected_logps.detach()).mean().item())
-
-        # Mean logit over the vocabulary, averaged over completion tokens (TRL's logits/* definition).
+        Detection (SPA Eq. 8) runs on the detached extrapolated margins beta * z~ against the rolling threshold; the
+        gradient-carrying term a * beta * z is computed only on the pairs flagged as noisy. The reference log-probs
+        are the batch's judged `ref_*_logps` columns (the round loop always has them), else a reference forward.
+        """
+        mode = "train" if self.model.training else "eval"
+        labels, mask = inputs["input_ids"][:, 1:], inputs["completion_mask"][:, 1:]
+        has_columns = "ref_chosen_logps" in inputs and "ref_rejected_logps" in inputs
         with torch.no_grad():
-            halves = zip(("chosen", "rejected"), shift_logits.chunk(2, dim=0), shift_mask.chunk(2, dim=0))
-            for name, logits, mask in halves:
-                mask = mask.bool()
-                total = gather(logits[mask].mean(-1).sum().float().reshape(1)).sum()
-                count = gather(mask.sum().reshape(1)).sum()
-                metrics[f"logits/{name}"].append((total / count).item() if count > 0 else 0.0)
+            ref_logits = None
+            if self.refine.extrapolation > 0 or not has_columns:
+                ref_logits = self._reference_logits(model, inputs)[:, :-1]
+            if has_columns:
+                ref_chosen, ref_rejected = inputs["ref_chosen_logps"].float(), inputs["ref_rejected_logps"].float()
+            else:  # outside the round loop (no judged columns): TRL ran its own reference forward too
+                ref_chosen, ref_rejected = sequence_logps(ref_logits, labels, mask).chunk(2)
+            if self.refine.extrapolation > 0:
+                ext_logps = compute_extrapolated_logps(shift_logits, ref_logits, labels, mask, self.refine.extrapolation)
+            else:  # lambda = 0: pi~ = pi_theta
+                ext_logps = sequence_logps(shift_logits.detach(), labels, mask)
+            del ref_logits
+            ext_chosen, ext_rejected = ext_logps.chunk(2)  # (2B,) -> (B,), (B,)
+            scores = self.beta * compute_margins(ext_chosen, ext_rejected, ref_chosen, ref_rejected)
+            if mode == "train":
+                noisy, tau = self.noise_detector.update(scores, gather=self.accelerator.gather)
+            else:  # evaluation reads the training window without adding to it
+                noisy, tau = self.noise_detector.flag(scores), self.noise_detector.threshold()
 
+        active = self._smoothing_active()
+        term = shift_logits.new_zeros((), dtype=torch.float32)
+        flagged = noisy.nonzero()[:, 0]
+        if active and len(flagged):
+            half = len(ref_chosen)
+            rows = torch.cat([flagged, flagged + half])  # chosen and rejected rows of the noisy pairs
+            chosen_logps, rejected_logps = sequence_logps(shift_logits[rows], labels[rows], mask[rows]).chunk(2)
+            z = compute_margins(chosen_logps, rejected_logps, ref_chosen[flagged], ref_rejected[flagged])
+            weight = self.loss_weights[self.loss_types.index("sigmoid")]
+            term = linear_smoothing_term(self.beta * z, self.refine.smoothing).sum() / half * weight
+
+        gather, metrics = self.accelerator.gather, self._metrics[mode]
         metrics["selfee/noisy_fraction"].append(gather(noisy.float()).mean().item())
         if tau is not None:
             metrics["selfee/threshold"].append(tau)
-        metrics["selfee/smoothing_active"].append(float(smoothing_active))
-        metrics["selfee/extrapolated_margin"].append(gather(ext_scores.float()).mean().item())
+        metrics["selfee/smoothing_active"].append(float(active))
+        metrics["selfee/extrapolated_margin"].append(gather(scores.float()).mean().item())
+        return term
 
     @override
     def _save_optimizer_and_scheduler(self, output_dir):

@@ -5,12 +5,16 @@ from __future__ import annotations
 import json
 import os
 import random
+import sys
+from pathlib import Path
 
 # Set by the test setup, not by the person running it: Axolotl's telemetry and hub lookups would otherwise
 # retry network calls that cannot succeed here.
 os.environ["AXOLOTL_DO_NOT_TRACK"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The demo package (and its tiny-model builders) lives outside the wheel, in examples/selfee_demo.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 import pytest  # noqa: E402
 
@@ -25,7 +29,7 @@ def _corpus(n=200, seed=0):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """Directory holding a 2-layer, hidden-32 Llama and its locally trained tokenizer (with chat template)."""
-    from selfee_plugin.tiny import build_tiny_llama, build_tokenizer
+    from selfee_demo.tiny import build_tiny_llama, build_tokenizer
 
     path = tmp_path_factory.mktemp("tiny_llama")
     tokenizer = build_tokenizer(_corpus())
@@ -33,8 +37,9 @@ def tiny_model_dir(tmp_path_factory):
     return str(path)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def tiny_tokenizer(tiny_model_dir):
+    """A fresh tokenizer per test: tests set `padding_side` and the like, which must not leak into the next."""
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -132,6 +137,21 @@ def run_axolotl_train(cfg: dict, workdir, timeout: int = 600, check: bool = True
     if check and proc.returncode != 0:
         raise AssertionError(f"axolotl train failed ({proc.returncode}):\n{proc.output[-6000:]}")
     return proc
+
+
+@pytest.fixture
+def selfee_logs(caplog):
+    """caplog on our loggers, which live under `axolotl.integrations.` (selfee_plugin/_logging.py). Importing
+    `axolotl.cli` applies Axolotl's logging config, which stops `axolotl.*` from propagating to the root logger
+    caplog listens on (caplog then misses them in that test), so its handler goes on our namespace itself.
+    Captures WARNING and up unless a test lowers the handler's level."""
+    import logging
+
+    logger = logging.getLogger("axolotl.integrations.selfee_plugin")
+    logger.addHandler(caplog.handler)
+    caplog.handler.setLevel(logging.WARNING)
+    yield caplog
+    logger.removeHandler(caplog.handler)
 
 
 @pytest.fixture(autouse=True)

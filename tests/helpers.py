@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from selfee_plugin.generation import format_completion, format_prompt, tokenize_completion
+from selfee_plugin.formatting import format_completion, format_prompt, tokenize_completion
 
 BETA = 0.1
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

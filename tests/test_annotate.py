@@ -10,17 +10,11 @@ import pytest
 import torch
 from helpers import BETA, MESSAGES, _dpo_trainer, _lora, _plain_logp
 
-from selfee_plugin.annotate import (
-    annotate,
-    load_judged_pairs,
-    read_judged_rows,
-    summarize_judged_rows,
-)
+from selfee_plugin.annotate import annotate
 from selfee_plugin.args import SelfeeConfig
-from selfee_plugin.generation import format_completion, tokenize_completion
-from selfee_plugin.judge import (
-    SKIP_REASONS,
-)
+from selfee_plugin.artifacts import SKIP_REASONS, load_judged_pairs, read_judged_rows
+from selfee_plugin.diagnostics import summarize_judged_rows
+from selfee_plugin.formatting import format_completion, tokenize_completion
 
 # ----------------------------------------------------------------------------------------------- annotation
 
@@ -28,8 +22,8 @@ from selfee_plugin.judge import (
 def _selfee_cfg(**judge):
     return SelfeeConfig(
         rounds=0, samples_per_prompt=2,
-        generation={"max_new_tokens": 6, "batch_size": 2, "temperature": 1.0},
-        judge={"batch_size": 4, **judge},
+        generation={"max_new_tokens": 6, "batch_size": 2, "chunk_size": 2, "temperature": 1.0},
+        judge={"batch_tokens": 64, **judge},
     )
 
 
@@ -135,19 +129,19 @@ def test_degenerate_answers_are_recorded_with_their_reason(tiny_model, tiny_toke
     assert len(load_judged_pairs(path)) == 0
 
 
-def test_length_bias_warning(caplog):
+def test_length_bias_warning(selfee_logs):
     rows = [{"chosen_index": 0, "rejected_index": 1, "margin": 1.0, "probability": 0.52,
              "completion_lengths": [9, 3], "responses": ["a b c", "d"], "skip_reason": None}] * 9
     rows += [{"chosen_index": 1, "rejected_index": 0, "margin": 0.5, "probability": 0.51,
               "completion_lengths": [9, 3], "responses": ["a b c", "d"], "skip_reason": None}]
-    with caplog.at_level(logging.WARNING, logger="selfee_plugin.judge"):
-        metrics = summarize_judged_rows(rows, length_bias_warning=0.8)
+    metrics = summarize_judged_rows(rows, length_bias_warning=0.8)
     assert metrics["selfee/longer_chosen_fraction"] == pytest.approx(0.9)
     assert metrics["selfee/chosen_length_mean"] == pytest.approx(8.4)
     assert metrics["selfee/distinct_2"] == pytest.approx(0.1)  # 2 distinct bigrams ("a b", "b c") among 20
-    assert "longer response" in caplog.text and "main failure mode" in caplog.text
-    caplog.clear()
+    assert "longer response" in selfee_logs.text and "main failure mode" in selfee_logs.text
+    assert {r.levelno for r in selfee_logs.records} == {logging.WARNING}
+    selfee_logs.clear()
     summarize_judged_rows(rows, length_bias_warning=0.95)
-    assert "longer response" not in caplog.text
+    assert "longer response" not in selfee_logs.text
 
 

@@ -9,7 +9,7 @@ import statistics
 
 import pytest
 
-from selfee_plugin.demo.task import count_inversions, gold_score, make_demonstration, noisy_sort, parse_prompt
+from selfee_demo.task import count_inversions, gold_score, make_demonstration, noisy_sort, parse_prompt
 
 PROMPT = "sort 7 3 9 1 4"
 # Small enough that the build (train, sample, write) takes seconds; the defaults are for the real demo.
@@ -57,12 +57,26 @@ def test_gold_penalises_wrong_numbers_and_lengths(answer, coverage):
     assert gold_score(PROMPT, answer) < gold_score(PROMPT, "3 1 4 7 9")
 
 
-def test_gold_is_in_unit_interval_on_random_answers():
+def test_gold_is_one_exactly_for_the_sorted_input_on_random_answers():
+    """Random answers, of any words or of the prompt's numbers (subsets, half of them sorted, some with an extra
+    word): gold is 1 exactly when the answer is the sorted input, which happens in some of them."""
     rng = random.Random(0)
+    numbers = parse_prompt(PROMPT)
     words = [str(i) for i in range(20)] + ["sort", "<|end|>"]
-    for _ in range(500):
-        answer = " ".join(rng.choice(words) for _ in range(rng.randint(0, 9)))
-        assert 0.0 <= gold_score(PROMPT, answer) <= 1.0
+    perfect = 0
+    for _ in range(1000):
+        if rng.random() < 0.5:
+            answer = [rng.choice(words) for _ in range(rng.randint(0, 9))]
+        else:
+            answer = [str(n) for n in rng.sample(numbers, rng.randint(3, 5))]
+            if rng.random() < 0.5:
+                answer.sort(key=int)
+            if rng.random() < 0.3:
+                answer.insert(rng.randint(0, len(answer)), rng.choice(words))
+        is_sorted_input = answer == [str(n) for n in sorted(numbers)]
+        perfect += is_sorted_input
+        assert (gold_score(PROMPT, " ".join(answer)) == 1.0) == is_sorted_input, answer
+    assert 0 < perfect < 1000
 
 
 def test_gold_rejects_non_demo_prompts():
@@ -87,7 +101,7 @@ def test_noisy_sort_keeps_the_numbers_and_spans_quality():
 
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory):
-    from selfee_plugin.demo.build import build_demo
+    from selfee_demo.build import build_demo
 
     out = str(tmp_path_factory.mktemp("demo"))
     build_demo(out, seed=0, **SMALL)
@@ -108,7 +122,7 @@ def _assert_pair_shape(row):
 
 
 def test_build_writes_every_file_with_the_right_shapes(demo_dir):
-    from selfee_plugin.demo.build import build_demo
+    from selfee_demo.build import build_demo
 
     paths = build_demo(demo_dir, seed=0, **SMALL)  # cached: returns the same paths without rebuilding
     assert all(os.path.exists(p) for p in paths.values())
@@ -134,7 +148,7 @@ def test_build_writes_every_file_with_the_right_shapes(demo_dir):
 
 
 def test_build_is_cached_by_its_stamp(demo_dir):
-    from selfee_plugin.demo.build import _defaults, _is_built, build_demo
+    from selfee_demo.build import _defaults, _is_built, build_demo
 
     stamp = os.path.join(demo_dir, "demo_stamp.json")
     before = os.path.getmtime(stamp)
@@ -148,14 +162,19 @@ def test_build_is_cached_by_its_stamp(demo_dir):
 
 def test_sft_model_samples_vary_in_quality(demo_dir):
     """Measured on the model the build trained: its samples must disagree in gold, or pairs carry no label."""
-    from selfee_plugin.demo.evaluate import evaluate_policy, load_eval_set, load_policy
+    from selfee_demo.evaluate import evaluate_policy, load_eval_set, load_policy, win_rate
 
     model, tokenizer = load_policy(os.path.join(demo_dir, "sft_model"))
     prompts, references = load_eval_set(os.path.join(demo_dir, "eval_prompts.jsonl"))
     metrics = evaluate_policy(model, tokenizer, prompts, references, n_samples=4, seed=1)
     assert metrics["gold_std"] > 0.05
     assert 0.0 < metrics["gold_mean"] < 1.0
-    assert 0.0 <= metrics["win_rate"] <= 1.0
+    # The win rate is the per-prompt win rate of the returned samples against the stored references, averaged.
+    golds = {}
+    for sample in metrics["samples"]:
+        golds.setdefault(sample["prompt"], []).append(sample["gold"])
+    per_prompt = [win_rate(golds[p], [gold_score(p, r) for r in refs]) for p, refs in zip(prompts, references)]
+    assert metrics["win_rate"] == pytest.approx(statistics.fmean(per_prompt))
     assert metrics["num_samples"] == 4 * len(prompts) == len(metrics["samples"])
     assert metrics["length_mean"] > 0
     assert metrics["samples"][0].keys() == {"prompt", "response", "gold", "length", "eos"}
@@ -165,7 +184,7 @@ def test_sft_labels_cover_answer_and_eos_only(demo_dir):
     """The SFT loss sees the answer tokens and the closing EOS, never the prompt or the chat headers."""
     from transformers import AutoTokenizer
 
-    from selfee_plugin.demo.build import _encode_demonstrations
+    from selfee_demo.build import _encode_demonstrations
 
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(demo_dir, "sft_model"))
     messages = [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": "1 3 4 7 9"}]
@@ -179,7 +198,7 @@ def test_sft_labels_cover_answer_and_eos_only(demo_dir):
 
 def test_score_pairs_accuracy_counts_agreement_ties_and_length_bias():
     """Pairs: right label, wrong label, gold tie (left out), and a longer-chosen pair the gold disagrees with."""
-    from selfee_plugin.demo.evaluate import score_pairs_accuracy
+    from selfee_demo.evaluate import score_pairs_accuracy
 
     pairs = [
         {"prompt": PROMPT, "chosen": "1 3 4 7 9", "rejected": "3 1 4 7 9"},
@@ -196,7 +215,7 @@ def test_score_pairs_accuracy_counts_agreement_ties_and_length_bias():
 
 
 def test_win_rate_counts_ties_as_half():
-    from selfee_plugin.demo.evaluate import win_rate
+    from selfee_demo.evaluate import win_rate
 
     assert win_rate([1.0, 0.5], [0.5]) == pytest.approx(0.75)
 
@@ -206,7 +225,7 @@ def test_load_policy_merges_a_peft_adapter_over_the_sft_base(demo_dir, tmp_path)
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from selfee_plugin.demo.evaluate import load_policy
+    from selfee_demo.evaluate import load_policy
 
     base, tokenizer = load_policy(os.path.join(demo_dir, "sft_model"))
     peft_model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))

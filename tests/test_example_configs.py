@@ -241,9 +241,9 @@ def test_example_data_entries_fit_their_types(path, local_assets, tmp_path, keep
     from axolotl.utils.dict import DictDefault
     from transformers import AutoTokenizer
 
-    from selfee_plugin.generation import format_prompt
+    from selfee_plugin.formatting import format_prompt
     from selfee_plugin.judge import load_eval_pairs
-    from selfee_plugin.strategies import load_prompt_pool
+    from selfee_plugin.prompt_pool import load_prompt_pool
 
     cfg = validate(localize(_load(path), local_assets, tmp_path))
     tokenizer = AutoTokenizer.from_pretrained(local_assets["model"])
@@ -303,6 +303,7 @@ def test_zephyr_example_is_the_papers_setup():
     assert raw["adapter"] == "qlora" and raw["load_in_4bit"] and raw["gradient_checkpointing"] and raw["bf16"]
 
 
+@pytest.mark.e2e
 def test_full_finetuning_example_runs_end_to_end_on_cpu(local_assets, tmp_path):
     """The Qwen full fine-tuning example, on the tiny model and CPU-sized settings, through the real CLI."""
     from conftest import run_axolotl_train

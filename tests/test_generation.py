@@ -5,13 +5,8 @@ from __future__ import annotations
 import torch
 
 from selfee_plugin.args import GenerationConfig
-from selfee_plugin.generation import (
-    format_completion,
-    format_preference_rows,
-    format_prompt,
-    generate_responses,
-    tokenize_completion,
-)
+from selfee_plugin.formatting import format_completion, format_preference_rows, format_prompt, tokenize_completion
+from selfee_plugin.generation import generate_responses
 
 PROMPTS = [
     [{"role": "user", "content": "sort 3 1 2"}],
@@ -117,3 +112,52 @@ def test_tokenization_adds_eos_and_splits_at_prompt_length(tiny_tokenizer):
     prompt_ids, completion_ids = with_eos
     assert prompt_ids == tiny_tokenizer(prompt)["input_ids"]
     assert completion_ids[-1] == tiny_tokenizer.eos_token_id and len(completion_ids) == 4
+
+
+# ----------------------------------------------------------------------------------------------- merged sampling
+
+
+def test_merged_copy_generates_the_same_tokens_and_leaves_the_policy_alone(tiny_model, tiny_tokenizer):
+    """Greedy decoding from the merged copy equals the unmerged LoRA model's, token for token (fp32); sampling with
+    the same seed gives the same answers; the policy's weights, adapter and train flags are untouched."""
+    from helpers import _lora
+
+    from selfee_plugin.formatting import format_prompt
+    from selfee_plugin.merging import merged_copy
+
+    model = _lora(tiny_model, seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    merged = merged_copy(model)
+    ids = tiny_tokenizer([format_prompt(tiny_tokenizer, m) for m in PROMPTS[:1]], return_tensors="pt").input_ids
+    kwargs = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": tiny_tokenizer.pad_token_id}
+    with torch.no_grad():
+        model.eval()
+        assert torch.equal(merged.generate(ids, **kwargs), model.generate(input_ids=ids, **kwargs))
+        with model.disable_adapter():  # the adapter matters, so equality above is not the bare model's
+            assert not torch.allclose(merged(ids).logits, model(input_ids=ids).logits)
+    sampled = {m: generate_responses(model, tiny_tokenizer, PROMPTS, _cfg(merge_adapter=m), 2, 0).responses
+               for m in (False, True)}
+    assert sampled[True] == sampled[False]
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert model.active_adapter == "default" and not any(getattr(m, "merged", False) for m in model.modules())
+
+
+def test_merged_copy_of_a_4bit_model_dequantizes_the_base(tiny_model_dir, tiny_tokenizer):
+    """QLoRA: the merged copy holds dequantized base + LoRA in the compute dtype; its logits equal the 4-bit model's."""
+    from helpers import _lora
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from selfee_plugin.merging import merged_bytes, merged_copy
+    from selfee_plugin.patches import bitsandbytes_cpu_weight_packing
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_type="nf4")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, quantization_config=quant)
+    bitsandbytes_cpu_weight_packing.apply(base)
+    model = _lora(base, seed=0).eval()
+    merged = merged_copy(model)
+    assert not any("4bit" in type(m).__name__ for m in merged.modules())
+    assert merged_bytes(model) >= sum(p.numel() * p.element_size() for p in merged.parameters())
+    ids = torch.tensor([[2, 5, 9, 11, 4]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, model(input_ids=ids).logits, atol=1e-4, rtol=1e-4)

@@ -8,15 +8,10 @@ import pytest
 import torch
 from helpers import BETA, LORA_TARGETS, MESSAGES, _dpo_trainer, _lora, _plain_logp, _randomize_lora_b, _sequences
 
-from selfee_plugin.generation import format_completion, format_prompt, tokenize_completion
-from selfee_plugin.judge import (
-    completion_logps,
-    judge_accuracy,
-    judge_pairs,
-    load_eval_pairs,
-    score_sequences,
-    valid_responses,
-)
+from selfee_plugin.formatting import format_completion, format_prompt, tokenize_completion
+from selfee_plugin.judge import judge_accuracy, load_eval_pairs, score_sequences
+from selfee_plugin.logprobs import completion_logps
+from selfee_plugin.pairing import judge_pairs, valid_responses
 
 # ----------------------------------------------------------------------------------------------- pure math
 
@@ -85,7 +80,7 @@ def test_best_worst_vs_best_random_with_four_answers():
 
 def test_judged_logps_equal_plain_forward(tiny_model, tiny_tokenizer):
     sequences = _sequences(tiny_tokenizer, 3)
-    logps, lengths = completion_logps(tiny_model, sequences, batch_size=2, pad_token_id=tiny_tokenizer.pad_token_id)
+    logps, lengths = completion_logps(tiny_model, sequences, tiny_tokenizer.pad_token_id, max_tokens=64)
     expected = torch.tensor([_plain_logp(tiny_model, p, c) for p, c in sequences])
     torch.testing.assert_close(logps, expected, atol=1e-4, rtol=0)
     assert lengths.tolist() == [len(c) for _, c in sequences]
@@ -96,8 +91,8 @@ def test_padding_does_not_change_logps(tiny_model, tiny_tokenizer, padding_side)
     sequences = _sequences(tiny_tokenizer, 8)
     assert len({sum(map(len, s)) for s in sequences}) > 3  # the batch really is padded
     pad_id = tiny_tokenizer.pad_token_id
-    batched, _ = completion_logps(tiny_model, sequences, 8, pad_id, padding_side=padding_side)
-    alone = torch.cat([completion_logps(tiny_model, [s], 1, pad_id)[0] for s in sequences])
+    batched, _ = completion_logps(tiny_model, sequences, pad_id, 10**6, padding_side=padding_side)
+    alone = torch.cat([completion_logps(tiny_model, [s], pad_id)[0] for s in sequences])
     torch.testing.assert_close(batched, alone, atol=1e-4, rtol=0)
 
 
@@ -121,7 +116,7 @@ def test_judged_logps_equal_trl_dpo_reference_logps(tiny_model, tiny_tokenizer, 
         return torch.cat([chosen_logp, rejected_logp]).cpu()
 
     _randomize_lora_b(model, "default", seed=1)
-    policy, ref, _, _ = score_sequences(model, tok, ours, None, 2, None)
+    policy, ref, _, _ = score_sequences(model, tok, ours, None, 32, None)
     torch.testing.assert_close(ref, trl_ref_logps(), atol=1e-4, rtol=0)
     assert not torch.allclose(policy, ref, atol=1e-3)
 
@@ -136,7 +131,7 @@ def test_judged_logps_equal_trl_dpo_reference_logps(tiny_model, tiny_tokenizer, 
                 p.copy_(params[name.replace(".ref.", ".default.")])
     torch.testing.assert_close(policy, trl_ref_logps(), atol=1e-4, rtol=0)
     _randomize_lora_b(model, "ref", seed=2)
-    _, by_name, _, _ = score_sequences(model, tok, ours, "ref", 2, None)
+    _, by_name, _, _ = score_sequences(model, tok, ours, "ref", 32, None)
     torch.testing.assert_close(by_name, trl_ref_logps(), atol=1e-4, rtol=0)
     assert model.active_adapter == "default"
 
@@ -164,8 +159,8 @@ def test_adapters_disabled_equal_base_and_a_step_changes_policy(tiny_model, tiny
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype="float32")
     model = _lora(tiny_model, seed=None)
     sequences = _sequences(tiny_tokenizer, 4)
-    policy, ref, _, _ = score_sequences(model, tiny_tokenizer, sequences, None, 4, None)
-    bare, _ = completion_logps(base, sequences, 4, tiny_tokenizer.pad_token_id)
+    policy, ref, _, _ = score_sequences(model, tiny_tokenizer, sequences, None, 128, None)
+    bare, _ = completion_logps(base, sequences, tiny_tokenizer.pad_token_id, 128)
     torch.testing.assert_close(ref, bare, atol=1e-5, rtol=0)
     torch.testing.assert_close(policy, bare, atol=1e-5, rtol=0)  # B = 0: the fresh adapter is the identity
 
@@ -175,7 +170,7 @@ def test_adapters_disabled_equal_base_and_a_step_changes_policy(tiny_model, tiny
     model(input_ids=ids, labels=ids).loss.backward()
     optimizer.step()
     assert all(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
-    stepped, ref_after, _, _ = score_sequences(model, tiny_tokenizer, sequences, None, 4, None)
+    stepped, ref_after, _, _ = score_sequences(model, tiny_tokenizer, sequences, None, 128, None)
     torch.testing.assert_close(ref_after, bare, atol=1e-5, rtol=0)
     assert (stepped - bare).abs().max() > 1e-3
     assert model.training  # restored after judging
@@ -188,13 +183,13 @@ def test_module_reference_is_scored_as_given(tiny_model, tiny_model_dir, tiny_to
     with torch.no_grad():
         reference.lm_head.weight.mul_(2.0)
     sequences = _sequences(tiny_tokenizer, 3)
-    policy, ref, _, _ = score_sequences(tiny_model, tiny_tokenizer, sequences, reference, 2, None)
+    policy, ref, _, _ = score_sequences(tiny_model, tiny_tokenizer, sequences, reference, 32, None)
     torch.testing.assert_close(ref, torch.tensor([_plain_logp(reference, p, c) for p, c in sequences]), atol=1e-4,
                                rtol=0)
     torch.testing.assert_close(policy, torch.tensor([_plain_logp(tiny_model, p, c) for p, c in sequences]),
                                atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="needs a PEFT model"):
-        score_sequences(tiny_model, tiny_tokenizer, sequences, None, 2, None)
+        score_sequences(tiny_model, tiny_tokenizer, sequences, None, 32, None)
 
 
 @pytest.mark.parametrize("reference", [None, "ref"])
@@ -266,10 +261,10 @@ def test_judge_accuracy_matches_the_reward_ordering(tiny_model, tiny_tokenizer, 
 
     model = _lora(tiny_model, seed=3)
     sequences = [tokenize_completion(tiny_tokenizer, r["prompt"], r[k]) for r in rows for k in ("chosen", "rejected")]
-    policy, ref, _, _ = score_sequences(model, tiny_tokenizer, sequences, None, 4, None)
+    policy, ref, _, _ = score_sequences(model, tiny_tokenizer, sequences, None, 128, None)
     rewards = (policy - ref).view(-1, 2)
     expected = (rewards[:, 0] > rewards[:, 1]).float().mean().item()
-    assert judge_accuracy(model, tiny_tokenizer, rows, beta=BETA, batch_size=4) == pytest.approx(expected)
+    assert judge_accuracy(model, tiny_tokenizer, rows, max_tokens=128) == pytest.approx(expected)
     flipped = [{**r, "chosen": r["rejected"], "rejected": r["chosen"]} for r in rows]
     # Seed rows whose numbers are already sorted have chosen == rejected: a tie, wrong both ways round.
     flipped_expected = (rewards[:, 1] > rewards[:, 0]).float().mean().item()

@@ -1,4 +1,4 @@
-"""The README's config reference documents every field of the `selfee:` schema."""
+"""The README documents every field of the `selfee:` schema and the test command CI runs."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from pydantic import BaseModel
 
 from selfee_plugin.args import PromptDataset, SelfeeConfig
 
-README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
 
 
 def _keys(model: type[BaseModel], prefix: str):
@@ -28,3 +29,9 @@ def test_every_selfee_key_is_in_the_readme():
 def test_every_prompt_entry_key_is_in_the_readme():
     missing = [name for name in PromptDataset.model_fields if f"| `{name}` |" not in README]
     assert not missing, f"README prompt-entry reference lacks: {missing}"
+
+
+def test_ci_runs_the_readmes_test_command():
+    """`.ci/run` ends with the README's test command, per-test durations included."""
+    command = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
+    assert "--durations=0" in command and f"Tests: `{command}`" in README

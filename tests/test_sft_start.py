@@ -13,9 +13,10 @@ def test_judge_reference_is_the_sft_adapter_not_the_base(tiny_model_dir, tiny_to
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from selfee_plugin.generation import format_completion, format_prompt, tokenize_completion
+    from selfee_plugin.formatting import format_completion, format_prompt, tokenize_completion
     from selfee_plugin.judge import score_sequences
     from selfee_plugin.plugin import SelfeePlugin
+    from selfee_plugin.references import snapshot_dpo_reference
     from selfee_plugin.rounds import RoundRunner
 
     def base():
@@ -55,7 +56,7 @@ def test_judge_reference_is_the_sft_adapter_not_the_base(tiny_model_dir, tiny_to
         for name, param in trainer.model.named_parameters():
             if "lora_B.default." in name:
                 param.add_(0.5)
-    runner.snapshot_reference()
+    snapshot_dpo_reference(trainer.model, trainer)
     with torch.no_grad():
         _, init_after, _, _ = score_sequences(trainer.model, tiny_tokenizer, seq, reference=runner.judge_reference)
     torch.testing.assert_close(init_after, sft_logps, atol=1e-4, rtol=0)

@@ -12,10 +12,13 @@ import torch
 from torch.testing import assert_close
 
 BETA = 0.1
-METRIC_KEYS = {
+# Every metric TRL 1.9's DPO `_compute_loss` logs (sigmoid loss, no MoE), then SELFEE's own.
+TRL_METRIC_KEYS = {
     "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected",
-    "logits/chosen", "logits/rejected", "selfee/noisy_fraction", "selfee/threshold", "selfee/smoothing_active",
-    "selfee/extrapolated_margin",
+    "logits/chosen", "logits/rejected", "entropy", "num_tokens", "mean_token_accuracy",
+}
+METRIC_KEYS = TRL_METRIC_KEYS | {
+    "selfee/noisy_fraction", "selfee/threshold", "selfee/smoothing_active", "selfee/extrapolated_margin",
 }
 
 
@@ -85,24 +88,59 @@ def _count_forwards(trainer):
     return calls
 
 
-def test_upstream_contract(tiny_model, tiny_tokenizer, tiny_data_dir, tmp_path):
-    """Every upstream internal listed in trainer.py's module docstring exists on a real trainer."""
+def _params(fn) -> list[str]:
     import inspect
 
+    return [name for name in inspect.signature(fn).parameters if name != "self"]
+
+
+def test_upstream_contract(tiny_model, tiny_tokenizer, tiny_data_dir, tmp_path):
+    """Every upstream internal listed in trainer.py's module docstring exists, with the parameters we pass it."""
+    from trl import data_utils as trl_data_utils
     from trl.models import utils as trl_model_utils
     from trl.trainer import utils as trl_utils
+    from trl.trainer.dpo_trainer import DPOTrainer
 
     trainer = _trainer(tiny_model, tiny_tokenizer, _pairs(tiny_data_dir), tmp_path)
     assert set(trainer._metrics) == {"train", "eval"}
     trainer._metrics["train"]["probe"].append(1.0)  # a defaultdict(list)
     for name in ["beta", "ref_model", "loss_types", "loss_weights", "ld_alpha", "f_divergence_type",
-                 "use_weighting", "use_liger_kernel", "aux_loss_enabled", "router_aux_loss_coef"]:
+                 "use_weighting", "use_liger_kernel", "precompute_ref_logps"]:
         assert hasattr(trainer, name), name
-    assert list(inspect.signature(trainer._save_optimizer_and_scheduler).parameters) == ["output_dir"]
-    assert list(inspect.signature(trainer._load_optimizer_and_scheduler).parameters) == ["checkpoint"]
-    helpers = (trl_utils.use_adapter, trl_utils.selective_log_softmax, trl_model_utils.disable_gradient_checkpointing)
-    assert all(callable(helper) for helper in helpers)
+    assert isinstance(trainer.callback_handler.callbacks, list) and trainer.callback_handler.callbacks
+    assert _params(DPOTrainer.compute_loss) == ["model", "inputs", "return_outputs", "num_items_in_batch"]
+    assert _params(DPOTrainer._prepare_dataset) == ["dataset", "processing_class", "args", "dataset_name"]
+    assert _params(trainer._save_optimizer_and_scheduler) == ["output_dir"]
+    assert _params(trainer._load_optimizer_and_scheduler) == ["checkpoint"]
+    assert _params(trl_utils.use_adapter) == ["model", "adapter_name"]
+    assert _params(trl_utils.pad)[:3] == ["tensors", "padding_value", "padding_side"]
+    assert _params(trl_model_utils.disable_gradient_checkpointing)[:2] == ["model", "gradient_checkpointing_kwargs"]
+    assert _params(trl_data_utils._tokenize)[:2] == ["processing_class", "input"]
+    # compute_loss(return_outputs=True) hands back the logits the smoothing term reads.
+    batch = _batch(trainer)
+    loss, outputs = trainer.compute_loss(trainer.model, batch, return_outputs=True)
+    assert outputs.logits.shape[:2] == batch["input_ids"].shape and loss.ndim == 0
     assert not trainer.refine_enabled  # TRL's loss until the round loop turns refinement on
+
+
+def test_refine_round_logs_every_trl_metric_with_trl_values(tiny_model, tiny_tokenizer, tiny_data_dir, tmp_path):
+    """At alpha = 0 a refine round's step logs what TRL's own compute_loss logs, with the same values
+    (`num_tokens` is cumulative: both steps add the same count), plus SELFEE's detection metrics."""
+    trainer = _trainer(tiny_model, tiny_tokenizer, _pairs(tiny_data_dir, ref_columns=True), tmp_path,
+                       refine={"smoothing": 0.0})
+    trainer.precompute_ref_logps = True  # TRL reads the judged columns, as in a round
+    batch = _batch(trainer)
+    trainer.model.train()
+    trainer.compute_loss(trainer.model, batch)
+    trl = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    trainer.begin_round(refine=True)
+    trainer.compute_loss(trainer.model, batch)
+    ours = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    assert TRL_METRIC_KEYS <= trl.keys(), "TRL logs fewer metrics than the contract lists"
+    assert METRIC_KEYS <= ours.keys()
+    for key in TRL_METRIC_KEYS - {"num_tokens"}:
+        assert ours[key] == pytest.approx(trl[key], abs=1e-6), key
+    assert ours["num_tokens"] == 2 * trl["num_tokens"]
 
 
 def test_refine_config_accepted_as_model_or_dict(tiny_model, tiny_tokenizer, tiny_data_dir, tmp_path):
@@ -190,7 +228,8 @@ def _train_one_round(trainer, **kwargs):
     return super(SelfeeDPOTrainer, trainer).train(**kwargs)
 
 
-@pytest.mark.parametrize("ref_columns,extrapolation,forwards", [(True, 0.0, 1), (False, 0.5, 2)])
+# Without judged columns (outside the round loop) TRL runs its reference forward and the detector needs its own.
+@pytest.mark.parametrize("ref_columns,extrapolation,forwards", [(True, 0.0, 1), (True, 0.5, 2), (False, 0.5, 3)])
 def test_refine_step_trains_lora_only_and_logs_finite_metrics(
     tiny_model, tiny_tokenizer, tiny_data_dir, tmp_path, ref_columns, extrapolation, forwards
 ):
@@ -263,3 +302,41 @@ def test_default_collator_keeps_ref_columns(tiny_model, tiny_tokenizer, tiny_dat
     assert batch["ref_chosen_logps"].shape == (4,)
     for value in batch["ref_chosen_logps"].tolist():
         assert any(math.isclose(value, judged, rel_tol=1e-6) for judged in dataset["ref_chosen_logps"])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_first_refine_step_margin_is_batching_noise_in_half_precision(tiny_model_dir, tiny_tokenizer, tiny_data_dir,
+                                                                      tmp_path, dtype):
+    """Judged reference columns from the policy itself, then the first refine step: the DPO margin z is zero up to
+    the difference between two forwards of the same sequences batched differently (both measured here)."""
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import selective_log_softmax
+
+    from selfee_plugin.logprobs import completion_logps
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=dtype)
+    trainer = _trainer(model, tiny_tokenizer, _pairs(tiny_data_dir), tmp_path)
+    rows = [trainer.train_dataset[i] for i in range(4)]
+    sequences = [(r["prompt_ids"], r[k]) for r in rows for k in ("chosen_ids", "rejected_ids")]
+    pad = tiny_tokenizer.pad_token_id
+    together, _ = completion_logps(trainer.model, sequences, pad, max_tokens=10**6)
+    alone, _ = completion_logps(trainer.model, sequences, pad, max_tokens=1)
+    batching_noise = (together - alone).abs().max().item()
+    judged = together.view(4, 2)  # (8,) -> (4, 2): chosen, rejected per pair
+    dataset = trainer.train_dataset.select(range(4))
+    dataset = dataset.add_column("ref_chosen_logps", judged[:, 0].tolist())
+    trainer.train_dataset = dataset.add_column("ref_rejected_logps", judged[:, 1].tolist())
+    trainer.begin_round(refine=True)
+    assert trainer.precompute_ref_logps
+
+    batch = _batch(trainer)
+    trainer.model.train()
+    _, outputs = trainer.compute_loss(trainer.model, batch, return_outputs=True)
+    assert outputs.logits.dtype == torch.float32  # the precision path TRL's loss took
+    per_token = selective_log_softmax(outputs.logits[:, :-1].detach(), batch["input_ids"][:, 1:])
+    logps = (per_token * batch["completion_mask"][:, 1:]).sum(1)
+    chosen, rejected = logps.chunk(2)
+    z = (chosen - batch["ref_chosen_logps"]) - (rejected - batch["ref_rejected_logps"])
+    print(f"{dtype}: max |z| at the first refine step {z.abs().max().item():.2e}, "
+          f"batching noise of the judge {batching_noise:.2e}")
+    assert z.abs().max().item() <= 2 * batching_noise + 1e-5

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import statistics
 from typing import Iterable, Sequence
 
-from .._logging import get_logger
-from ..args import GenerationConfig
-from ..generation import generate_responses
+from selfee_plugin.args import GenerationConfig
+from selfee_plugin.generation import generate_responses
+
 from .task import gold_score, parse_prompt
 
-LOG = get_logger(__name__)
+LOG = logging.getLogger(__name__)
 
 # SPEC §1 samples at temperature 0.7, top_p 1.0: evaluating with the same settings measures the policy that
 # SELFEE's generator actually sees.

@@ -1,4 +1,7 @@
-"""Built-in demo task (sorting numbers, programmatic gold score): build it, then evaluate policies on it."""
+"""The SELFEE demo, outside the plugin's wheel: a sorting task with a programmatic gold score, tiny local models.
+
+Run it from the repository root with `PYTHONPATH=examples python -m selfee_demo.run` (what `demo.sh` does).
+"""
 
 from .task import gold_score
 

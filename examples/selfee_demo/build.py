@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -13,12 +14,11 @@ from contextlib import contextmanager
 import torch
 from tqdm.auto import tqdm
 
-from .._logging import get_logger
-from ..tiny import build_tiny_llama, build_tokenizer
 from .evaluate import MAX_NEW_TOKENS, TEMPERATURE, quality_stats, sample_responses
 from .task import NUM_ITEMS, NUM_VALUES, gold_score, make_demonstration, sample_prompts, vocabulary
+from .tiny import build_tiny_llama, build_tokenizer
 
-LOG = get_logger(__name__)
+LOG = logging.getLogger(__name__)
 
 # Bump when anything that changes the built files changes (task, training, sampling); a cached build whose
 # stamp differs is rebuilt.
@@ -325,7 +325,7 @@ def read_build_stats(out_dir: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m selfee_plugin.demo.build OUT_DIR [--seed N] [--force]`: build the demo and print its paths."""
+    """`PYTHONPATH=examples python -m selfee_demo.build OUT_DIR [--seed N] [--force]`: build, print the paths."""
     import argparse
     import logging
 

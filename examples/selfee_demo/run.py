@@ -12,7 +12,7 @@ import time
 
 import yaml
 
-# Demo hyperparameters, fixed before any result was seen except the learning rate (README, "Benchmark").
+# Demo hyperparameters, fixed before any result was seen except the learning rate (benchmarks/README.md).
 DEMO_CONFIG = {
     "tokenizer_type": "AutoTokenizer",
     "chat_template": "tokenizer_default",
@@ -27,7 +27,7 @@ DEMO_CONFIG = {
     "micro_batch_size": 16,
     "gradient_accumulation_steps": 1,
     "num_epochs": 3,
-    "learning_rate": 5e-4,  # 2e-3 (the first choice) collapsed round 1: see README, "Benchmark"
+    "learning_rate": 5e-4,  # 2e-3 (the first choice) collapsed round 1: see benchmarks/README.md
     "optimizer": "adamw_torch",
     "lr_scheduler": "cosine",
     "warmup_ratio": 0.1,

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from selfee_plugin.args import SelfeeConfig
-from selfee_plugin.strategies import load_prompt_pool
+from selfee_plugin.prompt_pool import load_prompt_pool
 
 
 def _write(path, rows):

@@ -1,4 +1,4 @@
-"""Prompt-pool dataset strategies: load `selfee.prompts` entries through Axolotl and extract chat prompts."""
+"""The unlabelled prompt pool: `selfee.prompts` entries loaded through Axolotl, one chat prompt per row, fixed order."""
 
 from __future__ import annotations
 

@@ -1,0 +1,339 @@
+"""Self-annotation at the users' scale: generation, judgment and a refine DPO step on a random-weight 7B, as ratios.
+
+The model has Mistral-7B's shapes (vocabulary 32000, hidden 4096, 32 layers, MLP 14336, 32 heads / 8 KV heads) with
+random weights, quantized and adapted as `example_configs/zephyr-7b-qlora.yml` does (nf4 + double quantization, bf16
+compute, LoRA r16 / alpha 32 on every linear layer, gradient checkpointing). Nothing is downloaded and nothing from
+Axolotl is imported: it runs where only torch, transformers, peft, accelerate, trl, bitsandbytes and datasets are.
+Prompts are random words of `--prompt-tokens` tokens; random weights rarely sample EOS, so every answer runs to
+`--max-new-tokens`, the worst case for the KV cache.
+
+Per phase it prints tokens/s, seconds and peak GiB (accelerator; 0 on CPU):
+    generation at the old default (16 prompts x 2), with `batch_size: auto` (the card capped at --budget-gib,
+    merge_adapter auto), auto on the whole card, and merged (auto + merge_adapter: true);
+    judgment (policy + adapters-off reference, float32 sums) vs a bare forward of the same batches;
+    a refine DPO step with judged reference columns vs the same step with an online reference forward;
+and the projected wall time of the paper's recipe from those numbers.
+
+    python benchmarks/gpu_throughput.py                # on a GPU (about 5 minutes on an H100)
+    python benchmarks/gpu_throughput.py --small        # tiny shapes on CPU, under a minute (run by the tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the plugin, when run from a checkout
+
+SHAPES = {
+    "mistral-7b": dict(vocab_size=32000, hidden_size=4096, num_hidden_layers=32, intermediate_size=14336,
+                       num_attention_heads=32, num_key_value_heads=8),
+    "small": dict(vocab_size=1024, hidden_size=128, num_hidden_layers=2, intermediate_size=256,
+                  num_attention_heads=4, num_key_value_heads=2),
+}
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|' + message['role'] + '|> ' + message['content'] + ' <|end|> ' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|> ' }}{% endif %}"
+)
+SPECIALS = ["<|pad|>", "<|unk|>", "<s>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
+# The paper's recipe (SPA section 4.1): 2K seed pairs x 3 epochs, rounds of 8K and 20K prompts, 2 samples each.
+RECIPE = {"seed_pairs": 2000, "seed_epochs": 3, "round_prompts": [8000, 20000], "samples": 2}
+
+
+def build_tokenizer(vocab_size: int):
+    """A word-level tokenizer whose vocabulary is exactly `vocab_size` ("w0", "w1", ... plus specials)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(SPECIALS)}
+    vocab.update({f"w{i}": len(SPECIALS) + i for i in range(vocab_size - len(SPECIALS))})
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|unk|>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="<|end|>", unk_token="<|unk|>", pad_token="<|pad|>",
+        additional_special_tokens=SPECIALS[4:], chat_template=CHAT_TEMPLATE, clean_up_tokenization_spaces=False,
+    )
+
+
+def build_qlora_model(shape: dict, device: torch.device, tokenizer, quantize: bool = True):
+    """Random-weight Mistral, its linear layers quantized to nf4 (bf16 compute) in place, LoRA r16 on all of them."""
+    import bitsandbytes as bnb
+    from peft import LoraConfig, get_peft_model
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from selfee_plugin.patches import bitsandbytes_cpu_weight_packing
+
+    dtype = torch.bfloat16
+    config = MistralConfig(**shape, max_position_embeddings=4096, tie_word_embeddings=False,
+                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                           pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = MistralForCausalLM._from_config(config, dtype=dtype)
+    if quantize:
+        for name, module in list(model.model.named_modules()):
+            for child_name, child in list(module.named_children()):
+                if isinstance(child, torch.nn.Linear):
+                    layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=False, compute_dtype=dtype,
+                                              compress_statistics=True, quant_type="nf4", device="meta")
+                    layer.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4",
+                                                     compress_statistics=True, module=layer)._quantize(device)
+                    setattr(module, child_name, layer)
+        model.is_loaded_in_4bit = True  # what PEFT reads to wrap bitsandbytes layers as lora.Linear4bit
+        bitsandbytes_cpu_weight_packing.apply(model)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+@dataclass
+class Row:
+    phase: str
+    tokens_per_second: float
+    seconds: float
+    peak_gib: float
+    note: str = ""
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _reset_peak(device):
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_gib(device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+
+
+def random_prompts(count: int, tokens: int, vocab: int, seed: int = 0) -> list[list[dict]]:
+    rng = random.Random(seed)
+    words = vocab - len(SPECIALS)
+    return [[{"role": "user", "content": " ".join(f"w{rng.randrange(words)}" for _ in range(tokens))}]
+            for _ in range(count)]
+
+
+def measure_generation(model, tokenizer, prompts, device, phase, max_new_tokens, **gen) -> tuple[Row, list]:
+    from selfee_plugin.args import GenerationConfig
+    from selfee_plugin.generation import HFSampler
+
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.7, top_p=1.0, max_prompt_length=4096, **gen)
+    sampler = HFSampler(model, tokenizer, cfg)
+    _reset_peak(device)
+    _sync(device)
+    start = time.perf_counter()
+    out = sampler.generate(prompts, n=2, seed=0)
+    _sync(device)
+    seconds = time.perf_counter() - start
+    note = f"{out.batch_prompts * 2} sequences per batch"
+    print(f"  {phase}: {out.generated_tokens} tokens in {seconds:.1f} s, {note}", flush=True)
+    return Row(phase, out.generated_tokens / seconds, seconds, _peak_gib(device), note), out
+
+
+def measure_judgment(model, tokenizer, sequences, device, max_tokens: int) -> list[Row]:
+    """The judge (policy + adapters-off reference, logits only from the completion, float32 sums) vs a bare forward
+    of the same token-budget batches under both models (full logits, nothing else)."""
+    from trl.trainer.utils import pad
+
+    from selfee_plugin.judge import score_sequences
+    from selfee_plugin.logprobs import token_budget_batches
+
+    model.eval()
+    _reset_peak(device)
+    _sync(device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        _, _, _, tokens = score_sequences(model, tokenizer, sequences, None, max_tokens)
+    _sync(device)
+    judge = Row("judgment (policy + reference, float32 sums)", 0.0, time.perf_counter() - start, _peak_gib(device))
+    judge.tokens_per_second = tokens / judge.seconds
+
+    batches = token_budget_batches([len(p) + len(c) for p, c in sequences], max_tokens)
+    _reset_peak(device)
+    _sync(device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        for adapters in (True, False):
+            for batch in batches:
+                ids = pad([torch.tensor(sequences[i][0] + sequences[i][1]) for i in batch], tokenizer.pad_token_id)
+                mask = pad([torch.ones(len(sequences[i][0]) + len(sequences[i][1]), dtype=torch.long) for i in batch])
+                if adapters:
+                    model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+                else:
+                    with model.disable_adapter():
+                        model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+    _sync(device)
+    bare = Row("bare forward of the same batches (both models)", 0.0, time.perf_counter() - start, _peak_gib(device))
+    bare.tokens_per_second = tokens / bare.seconds
+    judge.note = f"{judge.tokens_per_second / bare.tokens_per_second:.2f}x the bare forward"
+    return [judge, bare]
+
+
+def measure_dpo_step(model, batch, device, steps: int, online_reference: bool, beta: float = 0.1) -> Row:
+    """A refine-round DPO step as the plugin computes it: float32-logit log-probs, judged reference columns (or an
+    online adapters-off reference forward), noise-aware loss, backward, optimizer step."""
+    from selfee_plugin.logprobs import float32_logits, sequence_logps
+    from selfee_plugin.loss import NoiseDetector, noise_aware_dpo_loss
+
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-6)
+    detector = NoiseDetector()
+    labels, mask = batch["input_ids"][:, 1:], batch["completion_mask"][:, 1:]
+    times = []
+    _reset_peak(device)
+    for step in range(steps + 1):  # the first step warms up kernels and allocator; not timed
+        _sync(device)
+        start = time.perf_counter()
+        with float32_logits(model):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+            chosen, rejected = sequence_logps(logits, labels, mask).chunk(2)
+            if online_reference:
+                with torch.no_grad(), model.disable_adapter():
+                    ref = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+                    ref_chosen, ref_rejected = sequence_logps(ref, labels, mask).chunk(2)
+                    del ref
+            else:
+                ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+        noisy, _ = detector.update(beta * ((chosen - ref_chosen) - (rejected - ref_rejected)).detach())
+        loss = noise_aware_dpo_loss(chosen, rejected, ref_chosen, ref_rejected, noisy, beta, 0.1).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        del logits, loss
+        _sync(device)
+        if step:
+            times.append(time.perf_counter() - start)
+    seconds = sum(times) / len(times)
+    tokens = int(batch["attention_mask"].sum())
+    name = "DPO step, online reference forward" if online_reference else "DPO step, judged reference columns"
+    return Row(name, tokens / seconds, seconds, _peak_gib(device), "seconds are per step")
+
+
+def dpo_batch(tokenizer, device, prompt_tokens: int, completion_tokens: int, vocab: int) -> dict:
+    """One pair [chosen; rejected] of random tokens, right padded as TRL's collator does, with judged columns."""
+    gen = torch.Generator().manual_seed(0)
+    words = vocab - len(SPECIALS)
+    prompt = torch.randint(len(SPECIALS), len(SPECIALS) + words, (prompt_tokens,), generator=gen)
+    rows = [torch.cat([prompt, torch.randint(len(SPECIALS), vocab, (completion_tokens,), generator=gen)])
+            for _ in range(2)]
+    input_ids = torch.stack(rows).to(device)
+    completion_mask = torch.zeros_like(input_ids)
+    completion_mask[:, prompt_tokens:] = 1
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "completion_mask": completion_mask,
+            "ref_chosen_logps": torch.tensor([-500.0], device=device),
+            "ref_rejected_logps": torch.tensor([-510.0], device=device)}
+
+
+def project_recipe(gen: Row, judge: Row, step: Row, prompt_tokens: int, new_tokens: int) -> dict:
+    """Hours of the paper's recipe at the measured speeds (DPO steps of one pair, as micro_batch_size: 1)."""
+    prompts = sum(RECIPE["round_prompts"])
+    generate = prompts * RECIPE["samples"] * new_tokens / gen.tokens_per_second
+    judged_tokens = prompts * RECIPE["samples"] * (prompt_tokens + new_tokens) * 2  # policy + reference
+    judge_s = judged_tokens / judge.tokens_per_second
+    train = (RECIPE["seed_pairs"] * RECIPE["seed_epochs"] + prompts) * step.seconds
+    return {"generation_h": generate / 3600, "judgment_h": judge_s / 3600, "training_h": train / 3600,
+            "total_h": (generate + judge_s + train) / 3600}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--small", action="store_true", help="tiny shapes on CPU (under a minute)")
+    parser.add_argument("--prompts", type=int, default=None, help="prompts per generation phase")
+    parser.add_argument("--prompt-tokens", type=int, default=150)
+    parser.add_argument("--max-new-tokens", type=int, default=300)
+    parser.add_argument("--budget-gib", type=float, default=24.0, help="card size `auto` is measured against")
+    parser.add_argument("--json", default=None, help="also write the rows here")
+    args = parser.parse_args()
+
+    small = args.small or not torch.cuda.is_available()
+    device = torch.device("cpu") if small else torch.device("cuda", torch.cuda.current_device())
+    shape = SHAPES["small" if small else "mistral-7b"]
+    prompt_tokens, new_tokens = (24, 16) if args.small else (args.prompt_tokens, args.max_new_tokens)
+    tokenizer = build_tokenizer(shape["vocab_size"])
+    start = time.perf_counter()
+    model = build_qlora_model(shape, device, tokenizer)
+    print(f"model: {'small' if small else 'mistral-7b'} shapes, QLoRA nf4 + LoRA r16, built in "
+          f"{time.perf_counter() - start:.0f} s on {torch.cuda.get_device_name() if not small else 'CPU'}")
+    vocab = shape["vocab_size"]
+    rows = []
+
+    old_prompts = random_prompts(args.prompts or 16, prompt_tokens, vocab)
+    measure_generation(model, tokenizer, old_prompts[:2], device, "warm-up", 4, batch_size=2, merge_adapter=False)
+    if small:  # CPU: the ratio the acceptance asks for, auto vs one prompt at a time
+        one, _ = measure_generation(model, tokenizer, old_prompts[:8], device, "generation, batch 1 prompt x 2",
+                                    new_tokens, batch_size=1, merge_adapter=False)
+        rows.append(one)
+        auto, gens = measure_generation(model, tokenizer, random_prompts(args.prompts or 64, prompt_tokens, vocab),
+                                        device, "generation, batch_size auto", new_tokens, batch_size="auto")
+        auto.note += f"; {auto.tokens_per_second / one.tokens_per_second:.1f}x batch 1"
+        rows.append(auto)
+        merged, _ = measure_generation(model, tokenizer, old_prompts[:8], device, "generation, merged, batch 1",
+                                       new_tokens, batch_size=1, merge_adapter=True)
+        merged.note += f"; {merged.tokens_per_second / one.tokens_per_second:.1f}x unmerged batch 1"
+        rows.append(merged)
+        default_row = auto
+    else:
+        old, _ = measure_generation(model, tokenizer, old_prompts, device, "generation, old default (batch_size 16)",
+                                    new_tokens, batch_size=16, merge_adapter=False)
+        rows.append(old)
+        many = random_prompts(args.prompts or 256, prompt_tokens, vocab, seed=1)
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.budget_gib * 2**30 / total), device)
+        default_row, gens = measure_generation(model, tokenizer, many, device,
+                                               f"generation, default (auto, {args.budget_gib:.0f} GiB card)",
+                                               new_tokens, batch_size="auto")
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+        rows.append(default_row)
+        full, _ = measure_generation(model, tokenizer, many, device, "generation, auto, whole card, unmerged",
+                                     new_tokens, batch_size="auto", merge_adapter=False)
+        rows.append(full)
+        merged, _ = measure_generation(model, tokenizer, many, device, "generation, auto, whole card, merged",
+                                       new_tokens, batch_size="auto", merge_adapter=True)
+        rows.append(merged)
+        for row in rows[1:]:
+            row.note += f"; {row.tokens_per_second / old.tokens_per_second:.1f}x old default"
+
+    from selfee_plugin.formatting import format_completion, tokenize_completion
+
+    sequences = [tokenize_completion(tokenizer, prompt, format_completion(tokenizer, answer))
+                 for prompt, answers in zip(gens.prompts, gens.responses) if answers for answer in answers]
+    sequences = sequences[: 32 if small else 256]
+    judge_rows = measure_judgment(model, tokenizer, sequences, device, max_tokens=2048 if small else 16384)
+    rows += judge_rows
+
+    batch = dpo_batch(tokenizer, device, prompt_tokens, 2 * new_tokens if small else new_tokens, vocab)
+    judged = measure_dpo_step(model, batch, device, steps=2 if small else 5, online_reference=False)
+    online = measure_dpo_step(model, batch, device, steps=2 if small else 5, online_reference=True)
+    judged.note += f"; {judged.seconds / online.seconds:.2f}x the online-reference step time"
+    rows += [judged, online]
+
+    print(f"\n| phase | tokens/s | seconds | peak GiB | note |\n|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row.phase} | {row.tokens_per_second:,.0f} | {row.seconds:.2f} | {row.peak_gib:.1f} | {row.note} |")
+    projection = project_recipe(default_row, judge_rows[0], judged, prompt_tokens, new_tokens)
+    print("\nprojected paper recipe (2K seed pairs x 3 epochs, rounds of 8K + 20K prompts, 2 samples of "
+          f"{new_tokens} tokens) at the default generation: "
+          + ", ".join(f"{k.removesuffix('_h')} {v:.1f} h" for k, v in projection.items()))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rows": [row.__dict__ for row in rows], "projection": projection}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""What a SELFEE run writes under `output_dir/selfee/`, defined once: layout, skip reasons, and crash-safe I/O.
+
+    selfee/state.json              fingerprint of the run + finished rounds (resume)
+    selfee/summary.json            one metrics row per finished round
+    selfee/round_<t>/pairs.jsonl   one judged row per prompt (see `annotate.annotate`)
+    selfee/round_<t>/metrics.json  the round's metrics
+    selfee/round_<t>/adapter/      the policy after round t (`model/` under full fine-tuning)
+    selfee/round_<t>/checkpoints/  the round's HF Trainer checkpoints
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+ROOT = "selfee"
+STATE_FILE = "state.json"
+SUMMARY_FILE = "summary.json"
+PAIRS_FILE = "pairs.jsonl"
+METRICS_FILE = "metrics.json"
+
+# Why a prompt produced no pair; each is counted in the metrics as `selfee/skipped_<reason>`.
+SKIP_REASONS = ("prompt_too_long", "empty_response", "identical_responses", "reward_tie")
+
+
+def selfee_root(output_dir: str | os.PathLike) -> Path:
+    return Path(output_dir) / ROOT
+
+
+def round_dir(root: Path, round_idx: int) -> Path:
+    path = root / f"round_{round_idx}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def policy_dir(root: Path, round_idx: int, peft: bool) -> Path:
+    return round_dir(root, round_idx) / ("adapter" if peft else "model")
+
+
+def write_json(path: Path, data) -> None:
+    """Atomic: a kill never leaves half a metrics or state file."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=float))
+    os.replace(tmp, path)
+
+
+def repair_tail(path: str | os.PathLike, block: int = 1 << 16) -> None:
+    """Cut a partial last line left by a crash mid-write; appending after it would corrupt the next row."""
+    if not os.path.exists(path) or os.path.getsize(path) == 0:
+        return
+    with open(path, "rb+") as f:
+        pos = f.seek(0, os.SEEK_END)
+        f.seek(pos - 1)
+        if f.read(1) == b"\n":
+            return
+        while pos > 0:
+            step = min(block, pos)
+            pos -= step
+            f.seek(pos)
+            newline = f.read(step).rfind(b"\n")
+            if newline >= 0:
+                f.truncate(pos + newline + 1)
+                return
+        f.truncate(0)
+
+
+def read_judged_rows(path: str | os.PathLike) -> list[dict]:
+    """Every complete row of a judged-pairs JSON Lines file (a partial last line from a crash is ignored)."""
+    if not os.path.exists(path):
+        return []
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.endswith("\n"):
+                rows.append(json.loads(line))
+    return rows
+
+
+def append_rows(f, rows: list[dict]) -> None:
+    """Append rows to an open JSON Lines file and make them durable before the next chunk of work starts."""
+    for row in rows:
+        f.write(json.dumps(row) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def load_judged_pairs(path: str | os.PathLike, reference: str = "previous", with_metadata: bool = False):
+    """Judged pairs as a `datasets.Dataset` that TRL 1.9's DPOTrainer tokenizes like an Axolotl DPO dataset.
+
+    Args:
+        path: a judged-pairs JSON Lines file.
+        reference: which judged log-probs become the DPO reference columns: `previous` (log pi_cur, the paper's
+            pi_{t-1}) or `initial` (the judge's reference, pi_init), as `selfee.dpo_reference`.
+        with_metadata: also return `prompt_id` and `probability`.
+
+    Returns:
+        Dataset with `prompt`, `chosen`, `rejected` (formatted strings), `ref_chosen_logps`, `ref_rejected_logps`.
+    """
+    from datasets import Dataset
+
+    if reference not in ("previous", "initial"):
+        raise ValueError(f"reference must be `previous` or `initial` (selfee.dpo_reference), got {reference!r}")
+    key = "policy_logps" if reference == "previous" else "ref_logps"
+    columns = {k: [] for k in ("prompt", "chosen", "rejected", "ref_chosen_logps", "ref_rejected_logps")}
+    if with_metadata:
+        columns.update(prompt_id=[], probability=[])
+    for row in read_judged_rows(path):
+        w, l = row["chosen_index"], row["rejected_index"]
+        if w is None:
+            continue
+        columns["prompt"].append(row["prompt"])
+        columns["chosen"].append(row["completions"][w])
+        columns["rejected"].append(row["completions"][l])
+        columns["ref_chosen_logps"].append(row[key][w])
+        columns["ref_rejected_logps"].append(row[key][l])
+        if with_metadata:
+            columns["prompt_id"].append(row["prompt_id"])
+            columns["probability"].append(row["probability"])
+    return Dataset.from_dict(columns)

@@ -1,0 +1,134 @@
+"""Summed completion log-probs in float32 whatever the model dtype: the one path the judge and DPO training share."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from tqdm.auto import tqdm
+
+from ._logging import get_logger
+
+LOG = get_logger(__name__)
+
+# Rows of (T, V) logits upcast at a time: bounds the float32 copy to (LOGSOFTMAX_ROWS, T, V).
+LOGSOFTMAX_ROWS = 4
+
+
+def sequence_logps(
+    logits: torch.Tensor, labels: torch.Tensor, completion_mask: torch.Tensor, rows: int = LOGSOFTMAX_ROWS
+) -> torch.Tensor:
+    """Summed log-probs of `labels` over the masked positions, with float32 log-softmax and summation.
+
+    In bf16 a sum near -300 nats has a spacing of 2 nats and in fp16 per-token log-probs are multiples of 1/64 or
+    coarser: both are far above the reward margins SPA works with (0.2-4 nats), so half-precision sums turn the judge
+    into ties and rounding. Logits are upcast `rows` sequences at a time, so the extra memory stays bounded.
+
+    Args:
+        logits: (N, T, V) logits already aligned to predict `labels` (any float dtype; gradient flows if it has one).
+        labels: (N, T) token ids.
+        completion_mask: (N, T) 1 where a token counts (completion), 0 elsewhere (prompt, padding).
+        rows: sequences upcast at once.
+
+    Returns:
+        (N,) float32 summed log-probs.
+    """
+    sums = []
+    for start in range(0, logits.shape[0], rows):
+        chunk = logits[start : start + rows].float()  # (c, T, V)
+        per_token = chunk.gather(-1, labels[start : start + rows, :, None])[..., 0] - torch.logsumexp(chunk, dim=-1)
+        sums.append(torch.where(completion_mask[start : start + rows].bool(), per_token, 0.0).sum(dim=1))  # (c,)
+    return torch.cat(sums) if sums else logits.new_zeros(0, dtype=torch.float32)
+
+
+@contextmanager
+def float32_logits(model):
+    """Make the model's output layer return float32 logits (a cast of its own output, no extra precision claimed).
+
+    TRL 1.9's DPO loss takes log-softmax and sums in the logits' dtype; with float32 logits it takes its float32
+    path, so the policy's training log-probs go through the same precision as the judged reference columns and the
+    first step's margins are zero up to float error instead of up to half-precision rounding.
+    """
+    head = model.get_output_embeddings() if model is not None else None
+    if head is None:
+        yield
+        return
+    handle = head.register_forward_hook(lambda module, args, output: output.float())
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+
+def token_budget_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Indices grouped longest first so that each batch's padded size (count x longest) stays within `max_tokens`.
+
+    A sequence longer than the budget gets a batch of its own.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches, current = [], []
+    for i in order:
+        if current and (len(current) + 1) * lengths[current[0]] > max_tokens:
+            batches.append(current)
+            current = []
+        current.append(i)
+    return batches + [current] if current else batches
+
+
+@torch.no_grad()
+def completion_logps(
+    model,
+    sequences: list[tuple[list[int], list[int]]],
+    pad_token_id: int,
+    max_tokens: int = 8192,
+    padding_side: str = "right",
+    max_length: int | None = None,
+    progress: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed completion log-probs of each (prompt, completion), as DPO training computes them (prompt excluded).
+
+    Args:
+        model: any causal LM; called in its current adapter state, in eval mode.
+        sequences: (prompt_ids, completion_ids) per response, as `formatting.tokenize_completion` returns them.
+        pad_token_id: padding id.
+        max_tokens: padded tokens per forward pass (batches by a token budget, longest first).
+        padding_side: "right" (TRL's collator) or "left"; results agree up to float error.
+        max_length: truncate prompt+completion to this many tokens (keep_start), as the DPO collator does.
+        progress: show a tqdm bar over batches.
+
+    Returns:
+        logps: (N,) float32 summed log-probs; lengths: (N,) completion tokens scored.
+    """
+    from trl.trainer.utils import pad
+
+    from .generation import eval_mode
+
+    device = next(model.parameters()).device
+    logps, lengths = torch.zeros(len(sequences)), torch.zeros(len(sequences), dtype=torch.long)
+    if not sequences:
+        return logps, lengths
+    sizes = [min(len(p) + len(c), max_length or len(p) + len(c)) for p, c in sequences]
+    batches = token_budget_batches(sizes, max_tokens)
+    with eval_mode(model):
+        for batch in tqdm(batches, desc="selfee judge", disable=not progress):
+            ids = [sequences[i][0] + sequences[i][1] for i in batch]
+            masks = [[0] * len(sequences[i][0]) + [1] * len(sequences[i][1]) for i in batch]
+            if max_length is not None:
+                ids, masks = [x[:max_length] for x in ids], [m[:max_length] for m in masks]
+            input_ids = pad([torch.tensor(x) for x in ids], pad_token_id, padding_side).to(device)
+            attention_mask = pad([torch.ones(len(x), dtype=torch.long) for x in ids], 0, padding_side).to(device)
+            completion_mask = pad([torch.tensor(m) for m in masks], 0, padding_side).to(device)
+            # Logits only from the position before the batch's earliest completion token: prompts are most of a
+            # sequence, so this skips most of the (B, L, V) logits TRL would materialise.
+            start = max(int(completion_mask.argmax(1).min()) - 1, 0)
+            kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+            kwargs["logits_to_keep"] = input_ids.shape[1] - start
+            if padding_side == "left":
+                # Default positions count from the padded start; absolute-position models need them from each text.
+                kwargs["position_ids"] = (attention_mask.cumsum(1) - 1).clamp(min=0)
+            logits = model(**kwargs).logits[:, :-1]  # (B, L-1-start, V): position t predicts token t+1
+            mask = completion_mask[:, start + 1 :]
+            logps[batch] = sequence_logps(logits, input_ids[:, start + 1 :], mask).cpu()
+            lengths[batch] = mask.sum(1).cpu()
+    return logps, lengths
