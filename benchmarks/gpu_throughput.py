@@ -140,7 +140,7 @@ def measure_generation(model, tokenizer, prompts, device, phase, max_new_tokens,
     out = sampler.generate(prompts, n=2, seed=0)
     _sync(device)
     seconds = time.perf_counter() - start
-    note = f"{out.batch_prompts * 2} sequences per batch"
+    note = f"{min(out.batch_prompts, len(prompts)) * 2} sequences per batch"
     print(f"  {phase}: {out.generated_tokens} tokens in {seconds:.1f} s, {note}", flush=True)
     return Row(phase, out.generated_tokens / seconds, seconds, _peak_gib(device), note), out
 
@@ -154,6 +154,8 @@ def measure_judgment(model, tokenizer, sequences, device, max_tokens: int) -> li
     from selfee_plugin.logprobs import token_budget_batches
 
     model.eval()
+    with torch.no_grad():  # warm-up: kernels and allocator for these shapes, not timed
+        score_sequences(model, tokenizer, sequences[:8], None, max_tokens)
     _reset_peak(device)
     _sync(device)
     start = time.perf_counter()
@@ -259,6 +261,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=300)
     parser.add_argument("--budget-gib", type=float, default=24.0, help="card size `auto` is measured against")
     parser.add_argument("--json", default=None, help="also write the rows here")
+    parser.add_argument("--skip-old-default", action="store_true", help="skip the slow old-default phase (GPU)")
     args = parser.parse_args()
 
     small = args.small or not torch.cuda.is_available()
@@ -289,9 +292,12 @@ def main() -> None:
         rows.append(merged)
         default_row = auto
     else:
-        old, _ = measure_generation(model, tokenizer, old_prompts, device, "generation, old default (batch_size 16)",
-                                    new_tokens, batch_size=16, merge_adapter=False)
-        rows.append(old)
+        old = None
+        if not args.skip_old_default:
+            old, _ = measure_generation(model, tokenizer, old_prompts, device,
+                                        "generation, old default (batch_size 16)", new_tokens, batch_size=16,
+                                        merge_adapter=False)
+            rows.append(old)
         many = random_prompts(args.prompts or 256, prompt_tokens, vocab, seed=1)
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.budget_gib * 2**30 / total), device)
@@ -300,13 +306,13 @@ def main() -> None:
                                                new_tokens, batch_size="auto")
         torch.cuda.set_per_process_memory_fraction(1.0, device)
         rows.append(default_row)
-        full, _ = measure_generation(model, tokenizer, many, device, "generation, auto, whole card, unmerged",
-                                     new_tokens, batch_size="auto", merge_adapter=False)
-        rows.append(full)
         merged, _ = measure_generation(model, tokenizer, many, device, "generation, auto, whole card, merged",
                                        new_tokens, batch_size="auto", merge_adapter=True)
         rows.append(merged)
-        for row in rows[1:]:
+        full, _ = measure_generation(model, tokenizer, many, device, "generation, auto, whole card, unmerged",
+                                     new_tokens, batch_size="auto", merge_adapter=False)
+        rows.append(full)
+        for row in rows[1:] if old is not None else []:
             row.note += f"; {row.tokens_per_second / old.tokens_per_second:.1f}x old default"
 
     from selfee_plugin.formatting import format_completion, tokenize_completion
@@ -316,12 +322,14 @@ def main() -> None:
     sequences = sequences[: 32 if small else 256]
     judge_rows = measure_judgment(model, tokenizer, sequences, device, max_tokens=2048 if small else 16384)
     rows += judge_rows
+    print(f"  {judge_rows[0].phase}: {judge_rows[0].tokens_per_second:,.0f} tokens/s, {judge_rows[0].note}", flush=True)
 
     batch = dpo_batch(tokenizer, device, prompt_tokens, 2 * new_tokens if small else new_tokens, vocab)
     judged = measure_dpo_step(model, batch, device, steps=2 if small else 5, online_reference=False)
     online = measure_dpo_step(model, batch, device, steps=2 if small else 5, online_reference=True)
     judged.note += f"; {judged.seconds / online.seconds:.2f}x the online-reference step time"
     rows += [judged, online]
+    print(f"  refine step {judged.seconds:.3f} s judged columns vs {online.seconds:.3f} s online reference", flush=True)
 
     print(f"\n| phase | tokens/s | seconds | peak GiB | note |\n|---|---|---|---|---|")
     for row in rows:

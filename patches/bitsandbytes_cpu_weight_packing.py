@@ -15,9 +15,11 @@ Delete when: the packed path is only taken on an explicit opt-in upstream, or ke
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
 
 from packaging.version import Version
+
+from . import installed_version as _installed_version
+from . import version_in_range
 
 PACKAGE = "bitsandbytes"
 VERSIONS = (Version("0.50"), Version("0.51"))  # [low, high)
@@ -25,15 +27,11 @@ ATTRIBUTE = "support_avx512bf16_for_cpu"
 
 
 def installed_version() -> Version | None:
-    try:
-        return Version(version(PACKAGE))
-    except PackageNotFoundError:
-        return None
+    return _installed_version(PACKAGE)
 
 
 def in_range(installed: Version | None = None) -> bool:
-    installed = installed if installed is not None else installed_version()
-    return installed is not None and VERSIONS[0] <= installed < VERSIONS[1]
+    return version_in_range(PACKAGE, VERSIONS, installed)
 
 
 def apply(model, log=None) -> int:

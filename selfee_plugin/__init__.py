@@ -11,4 +11,9 @@ def __getattr__(name):
         from .plugin import SelfeePlugin
 
         return SelfeePlugin
+    if name == "judged_pairs":
+        # Axolotl resolves the dataset `type: selfee_plugin.judged_pairs` as this attribute; the module is callable.
+        import importlib
+
+        return importlib.import_module(".judged_pairs", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

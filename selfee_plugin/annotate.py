@@ -34,6 +34,7 @@ def annotate(
     reference=None,
     seed: int | None = None,
     max_length: int | None = None,
+    summarize: bool = True,
 ) -> dict[str, float]:
     """Generate, judge and append one JSON line per prompt to `out_path`, skipping prompt ids already there.
 
@@ -51,9 +52,11 @@ def annotate(
         reference: pi_ref, see `references.reference_context`.
         seed: sampling seed (default `generation.seed`); the round loop passes seed + t.
         max_length: the DPO `max_length`, so judged log-probs see the same truncation as training.
+        summarize: add `summarize_judged_rows` over the whole file; False when `out_path` holds one rank's share
+            of the round (the round loop summarizes the merged file).
 
     Returns:
-        metrics: `summarize_judged_rows` over the whole file, plus this call's timings.
+        metrics: `summarize_judged_rows` over the whole file (with `summarize`), plus this call's timings.
     """
     gen_cfg, judge_cfg, n = selfee_cfg.generation, selfee_cfg.judge, selfee_cfg.samples_per_prompt
     seed = gen_cfg.seed if seed is None else seed
@@ -93,7 +96,7 @@ def annotate(
                 rows.append(row)
             append_rows(f, rows)
             bar.update(len(chunk))
-    metrics = summarize_judged_rows(read_judged_rows(out_path), judge_cfg.length_bias_warning)
+    metrics = summarize_judged_rows(read_judged_rows(out_path), judge_cfg.length_bias_warning) if summarize else {}
     metrics.update({
         "selfee/prompts_resumed": float(len(done)),
         "selfee/seconds_generate": seconds_gen,

@@ -2,7 +2,9 @@
 
     selfee/state.json              fingerprint of the run + finished rounds (resume)
     selfee/summary.json            one metrics row per finished round
-    selfee/round_<t>/pairs.jsonl   one judged row per prompt (see `annotate.annotate`)
+    selfee/round_<t>/pairs.jsonl   one judged row per prompt (see `annotate.annotate`), in the round's prompt order
+    selfee/round_<t>/pairs.rank<r>.jsonl  rank r's rows while several processes judge the round; merged into
+                                   pairs.jsonl by rank 0 when every rank is done (see `merge_pairs_parts`)
     selfee/round_<t>/metrics.json  the round's metrics
     selfee/round_<t>/adapter/      the policy after round t (`model/` under full fine-tuning)
     selfee/round_<t>/checkpoints/  the round's HF Trainer checkpoints
@@ -75,6 +77,63 @@ def read_judged_rows(path: str | os.PathLike) -> list[dict]:
             if line.endswith("\n"):
                 rows.append(json.loads(line))
     return rows
+
+
+def pairs_part_path(pairs_path: str | os.PathLike, rank: int) -> Path:
+    """Rank `rank`'s own judged-rows file beside the round's `pairs.jsonl` (several processes only)."""
+    path = Path(pairs_path)
+    return path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
+
+
+def pairs_part_paths(pairs_path: str | os.PathLike) -> list[Path]:
+    """Every rank's part file of the round, from this run or from an earlier run with any number of processes."""
+    path = Path(pairs_path)
+    if not path.parent.is_dir():
+        return []
+    return sorted(path.parent.glob(f"{path.stem}.rank*{path.suffix}"))
+
+
+def read_round_rows(pairs_path: str | os.PathLike) -> list[dict]:
+    """The round's judged rows wherever they are (`pairs.jsonl`, then the part files), one per prompt id (first kept).
+
+    A prompt id appears twice only when a crash fell between a merge's rename and its removal of the part files; both
+    rows are the same row then.
+    """
+    rows, seen = [], set()
+    for path in [Path(pairs_path), *pairs_part_paths(pairs_path)]:
+        for row in read_judged_rows(path):
+            if row["prompt_id"] not in seen:
+                seen.add(row["prompt_id"])
+                rows.append(row)
+    return rows
+
+
+def merge_pairs_parts(pairs_path: str | os.PathLike, order: list[str]) -> int:
+    """Fold the round's part files into `pairs.jsonl`, rows in the round's prompt order; no-op without part files.
+
+    The merged file replaces `pairs.jsonl` atomically before the parts are removed, so a kill at any point leaves
+    every judged row readable by `read_round_rows`. The order is the one-process run's (it judges prompts in pool
+    order), so the DPO dataset built from the file does not depend on how many processes judged it.
+
+    Args:
+        order: the round's prompt ids in pool order; rows of other ids (none in a consistent run) go last.
+
+    Returns:
+        rows in the merged file (0 when there was nothing to merge).
+    """
+    parts = pairs_part_paths(pairs_path)
+    if not parts:
+        return 0
+    position = {prompt_id: i for i, prompt_id in enumerate(order)}
+    rows = sorted(read_round_rows(pairs_path), key=lambda row: position.get(row["prompt_id"], len(order)))
+    path = Path(pairs_path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        append_rows(f, rows)
+    os.replace(tmp, path)
+    for part in parts:
+        part.unlink()
+    return len(rows)
 
 
 def append_rows(f, rows: list[dict]) -> None:

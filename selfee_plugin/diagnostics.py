@@ -57,3 +57,40 @@ def summarize_judged_rows(rows: list[dict], length_bias_warning: float | None = 
             "selfee/response_length_mean across rounds."
         )
     return metrics
+
+
+def post_round_signals(rows: list[dict], after: list[list[float] | None]) -> dict[str, float]:
+    """Signals that need no gold, from the round's own samples re-scored by the policy after the round (pi_t).
+
+    Args:
+        rows: the round's judged rows (`pairs.jsonl`), with `policy_logps` = log pi_{t-1} and `ref_logps` = log pi_init.
+        after: per row, log pi_t of each of its `completions` (None where the row has none).
+
+    Returns:
+        `selfee/logps_drift_chosen` / `_rejected`: mean change of log pi on the chosen / rejected answers during the
+            round (the collapse SPEC describes showed as chosen log-probs falling ~3x);
+        `selfee/kl_previous`: KL(pi_{t-1} || pi_t) estimated on the round's samples (drawn from pi_{t-1}), in nats
+            per response;
+        `selfee/judge_agreement_after`: share of the round's pairs whose chosen answer still has the strictly higher
+            implicit reward under pi_t (r = log pi_t - log pi_init);
+        `selfee/reward_after_mean`: mean log pi_t - log pi_init over the round's samples.
+    """
+    drift_w, drift_l, kl, agree, rewards = [], [], [], [], []
+    for row, logps in zip(rows, after):
+        if logps is None or row.get("policy_logps") is None:
+            continue
+        before, init = row["policy_logps"], row["ref_logps"]
+        kl += [b - a for a, b in zip(logps, before)]
+        rewards += [a - i for a, i in zip(logps, init)]
+        w, l = row.get("chosen_index"), row.get("rejected_index")
+        if w is not None:
+            drift_w.append(logps[w] - before[w])
+            drift_l.append(logps[l] - before[l])
+            agree.append(float(logps[w] - init[w] > logps[l] - init[l]))
+    return {
+        "selfee/logps_drift_chosen": _mean(drift_w),
+        "selfee/logps_drift_rejected": _mean(drift_l),
+        "selfee/kl_previous": _mean(kl),
+        "selfee/judge_agreement_after": _mean(agree),
+        "selfee/reward_after_mean": _mean(rewards),
+    }

@@ -91,6 +91,24 @@ def judge_responses(
     return rows, tokens
 
 
+def rescore_rows(model, tokenizer, rows: list[dict], max_tokens: int = 8192, max_length=None) -> list[list[float] | None]:
+    """log-probs of each judged row's completions under `model` as it is now (e.g. pi_t after the round's training).
+
+    Returns:
+        per row, one summed log-prob per completion; None for rows with no completions (skipped prompts).
+    """
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    live = [i for i, row in enumerate(rows) if row.get("completions")]
+    sequences = [tokenize_completion(tokenizer, rows[i]["prompt"], c) for i in live for c in rows[i]["completions"]]
+    logps, _ = completion_logps(model, sequences, pad_id, max_tokens, max_length=max_length)
+    out, position = [None] * len(rows), 0
+    for i in live:
+        count = len(rows[i]["completions"])
+        out[i] = logps[position : position + count].tolist()
+        position += count
+    return out
+
+
 # ----------------------------------------------------------------------------------------------- judge accuracy
 
 

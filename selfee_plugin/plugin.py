@@ -23,18 +23,34 @@ class SelfeePlugin(BasePlugin):
     def get_input_args(self) -> str:
         return "selfee_plugin.args.SelfeeArgs"
 
+    def register(self, cfg):
+        # Runs in every process torchrun/accelerate starts, before Axolotl sets up the model loader.
+        if cfg.get("selfee") is not None:
+            from .patches import axolotl_multiprocess_cpu
+
+            axolotl_multiprocess_cpu.apply(LOG)
+
     def pre_model_load(self, cfg):
         # Everything that can fail without weights fails here, in seconds: the prompt pool, eval pairs, resume.
         selfee = parse_selfee(cfg)
         if not selfee:
             return
+        from .distributed import check_parallelism
         from .resume import check_resume
 
+        check_parallelism(cfg)  # ZeRO-3 / FSDP / tensor or context parallelism: refused before any weights load
         if selfee.round_sizes and self._pool is None:
             from .prompt_pool import load_prompt_pool
 
             self._pool = load_prompt_pool(selfee, selfee.round_sizes)
             LOG.info(f"selfee: prompt pool of {len(self._pool)} prompts for rounds {selfee.round_sizes}")
+        if cfg.get("datasets"):
+            from axolotl.loaders.tokenizer import load_tokenizer
+
+            from .data_checks import check_seed_datasets, warn_on_format_mismatch
+
+            tokenizer = load_tokenizer(cfg)
+            warn_on_format_mismatch(cfg, tokenizer, check_seed_datasets(cfg, tokenizer))
         self._state = check_resume(cfg, selfee, self._pool)
         if self._state["completed"]:
             LOG.info(f"selfee: resuming {cfg.output_dir}; finished rounds {sorted(self._state['completed'])}")
@@ -74,6 +90,12 @@ class SelfeePlugin(BasePlugin):
 
             if isinstance(model, PeftModel):
                 kwargs.pop("peft_config", None)  # the adapter is already there; TRL refuses both
+            elif cfg.seed is not None:
+                # TRL adds the LoRA adapter inside __init__, before Trainer seeds anything: seed its random
+                # init here, or two runs of the same config and seed train different adapters.
+                from transformers import set_seed
+
+                set_seed(cfg.seed)
             return SelfeeDPOTrainer(model, model_ref, *args, selfee_cfg=cfg, **kwargs)
 
         return build_trainer

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -74,6 +76,56 @@ class PromptPool:
         return out
 
 
+def _first_non_utf8_line(path: str) -> tuple[int, int] | None:
+    """(1-based line, 1-based column) of the first byte sequence that is not UTF-8 in a local file."""
+    if not os.path.isfile(path):
+        return None
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                return number, error.start + 1
+    return None
+
+
+def _first_non_json_line(path: str) -> tuple[int, str] | None:
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                if not isinstance(json.loads(line), dict):
+                    return number, "not an object"
+            except json.JSONDecodeError as error:
+                return number, error.msg
+    return None
+
+
+def describe_load_error(key: str, path: str, error: BaseException) -> str:
+    """A loader failure as a message naming the config key, the file and, where it can be found, the line."""
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        return f"{key} ({path}) is an empty file: it holds no rows. Fill it or remove the entry."
+    cause = error
+    while cause.__cause__ is not None or cause.__context__ is not None:
+        if isinstance(cause, UnicodeDecodeError):
+            break
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(error, UnicodeDecodeError) or isinstance(cause, UnicodeDecodeError):
+        where = _first_non_utf8_line(path)
+        place = f" line {where[0]}, column {where[1]}," if where else ""
+        return f"{key} ({path}):{place} is not UTF-8 text. Re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)."
+    bad_json = _first_non_json_line(path) if path.endswith(".jsonl") else None
+    if bad_json is not None:
+        return f"{key} ({path}): line {bad_json[0]} is not a JSON object ({bad_json[1]}). Fix or delete that line."
+    if isinstance(error, StopIteration):
+        return f"{key} ({path}) holds no rows."
+    detail = f"{type(cause).__name__}: {cause}" if cause is not error else f"{type(error).__name__}: {error}"
+    return f"{key} ({path}) could not be loaded: {detail.strip()[:500]}"
+
+
 def load_prompt_pool(selfee_cfg, round_sizes: list[int] | None = None) -> PromptPool:
     """Load every `selfee.prompts` entry with Axolotl's dataset loader and extract one chat prompt per row.
 
@@ -89,10 +141,13 @@ def load_prompt_pool(selfee_cfg, round_sizes: list[int] | None = None) -> Prompt
     ids, messages, skipped = [], [], Counter()
     for idx, entry in enumerate(selfee_cfg.prompts or []):
         loader_cfg = DictDefault(entry.model_dump(exclude={"type"}, exclude_none=True))
-        dataset = load_dataset_with_config(loader_cfg, use_auth_token=False)
+        try:
+            rows = list(load_dataset_with_config(loader_cfg, use_auth_token=False))
+        except Exception as error:  # the loader's errors name neither the key nor the line; ours must
+            raise ValueError(describe_load_error(f"selfee.prompts[{idx}]", entry.path, error)) from error
         extract = EXTRACTORS[entry.type]
         kept = 0
-        for row_idx, row in enumerate(dataset):
+        for row_idx, row in enumerate(rows):
             prompt = extract(row, entry)
             if prompt is None:
                 skipped[f"selfee.prompts[{idx}] missing or empty prompt"] += 1
@@ -104,7 +159,7 @@ def load_prompt_pool(selfee_cfg, round_sizes: list[int] | None = None) -> Prompt
             kept += 1
         if kept == 0:
             raise ValueError(
-                f"selfee.prompts[{idx}] ({entry.path}) has no usable prompt in {len(dataset)} rows with "
+                f"selfee.prompts[{idx}] ({entry.path}) has no usable prompt in {len(rows)} rows with "
                 f"type: {entry.type}; check the type and the field names (field_messages={entry.field_messages!r}, "
                 f"field_prompt={entry.field_prompt!r}, field_chosen={entry.field_chosen!r})."
             )

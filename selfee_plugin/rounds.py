@@ -7,14 +7,20 @@ Supports:
       `pi_{t-1}` with reference `pi_{t-1}` (or `pi_init`, `selfee.dpo_reference: initial`) and the noise-aware loss.
     - References as `references.py` describes; artifacts as `artifacts.py` lays them out; resume as `resume.py`
       checks it (a finished round is loaded, a half-judged round continues from its pairs file).
+    - Several processes (DDP, DeepSpeed ZeRO-1/2; `distributed.py`): each rank generates and judges its shard of the
+      round's prompts from its unwrapped model into its own part file, rank 0 merges them into `pairs.jsonl` in
+      prompt order, and every rank trains on the merged file; resume reads every file of the round, so it works
+      with any number of processes. Rank 0 alone writes state, summary, metrics and adapters.
 
 Assumptions:
-    - One process (no data or model parallelism across rounds' generation); the trainer is a SelfeeDPOTrainer.
+    - Every rank holds the whole model (ZeRO-3, FSDP, tensor/context parallelism are refused before loading, in
+      `distributed.check_parallelism`); the trainer is a SelfeeDPOTrainer.
     - The judged `log pi_{t-1}` values are the exact reference log-probs of round t's DPO (same float32 path), so
       with `refine.extrapolation == 0` training runs no reference forward pass.
 
 Raises:
     ValueError: resuming with settings that changed what earlier rounds computed (see `resume.check_resume`).
+    RuntimeError: the launcher started several processes but the trainer runs one (`distributed.check_world`).
 """
 
 from __future__ import annotations
@@ -24,9 +30,11 @@ import time
 
 from accelerate.utils import is_peft_model
 
+from . import distributed
 from ._logging import get_logger
 from .artifacts import METRICS_FILE, PAIRS_FILE, SUMMARY_FILE, load_judged_pairs, policy_dir, round_dir, selfee_root
-from .artifacts import write_json
+from .artifacts import merge_pairs_parts, pairs_part_path, read_judged_rows, read_round_rows, write_json
+from .diagnostics import summarize_judged_rows
 from .references import init_judge_reference, snapshot_dpo_reference
 from .resume import check_resume, save_state
 
@@ -56,7 +64,9 @@ class RoundRunner:
         self.state = trainer.selfee_state or check_resume(
             trainer.axolotl_cfg, self.selfee, trainer.prompt_pool, trainer.args.output_dir
         )
-        save_state(self.root, self.state)
+        distributed.check_world(trainer)
+        if distributed.is_main():
+            save_state(self.root, self.state)
         self.judge_reference = init_judge_reference(self.model, trainer, self.selfee.judge.reference_model)
         self.last_output = None
         self._eval_rows = None  # judge.eval_pairs, loaded on first use
@@ -66,9 +76,10 @@ class RoundRunner:
     def save_policy(self, round_idx: int) -> None:
         out = policy_dir(self.root, round_idx, self.peft)
         if self.peft:
-            self.model.save_pretrained(str(out), selected_adapters=["default"])
+            if distributed.is_main():
+                self.model.save_pretrained(str(out), selected_adapters=["default"])
         else:
-            self.trainer.save_model(str(out))
+            self.trainer.save_model(str(out))  # every rank calls it; it writes on the main process only
 
     def load_policy(self, round_idx: int) -> None:
         src = policy_dir(self.root, round_idx, self.peft)
@@ -84,10 +95,11 @@ class RoundRunner:
             self.trainer.accelerator.unwrap_model(self.model).load_state_dict(state)
 
     def _finish(self, round_idx: int, metrics: dict) -> None:
-        write_json(round_dir(self.root, round_idx) / METRICS_FILE, metrics)
         self.state["completed"].append(round_idx)
-        save_state(self.root, self.state)
-        write_json(self.root / SUMMARY_FILE, self._all_metrics())
+        if distributed.is_main():  # every rank holds the same metrics (reduced in `annotate_round`)
+            write_json(round_dir(self.root, round_idx) / METRICS_FILE, metrics)
+            save_state(self.root, self.state)
+            write_json(self.root / SUMMARY_FILE, self._all_metrics())
         _fire(self.trainer, "on_selfee_round_end", round_idx=round_idx, metrics=metrics)
         numeric = {k: v for k, v in metrics.items() if k.startswith("selfee/") and isinstance(v, (int, float))}
         # Through the trainer's log, so the round's metrics reach the user's trackers (wandb, tensorboard, ...).
@@ -146,8 +158,6 @@ class RoundRunner:
         self._finish(0, metrics)
 
     def run_round(self, round_idx: int, prompts) -> None:
-        from .annotate import annotate
-
         trainer, selfee = self.trainer, self.selfee
         if round_idx in self.state["completed"]:
             LOG.info(f"selfee round {round_idx} already finished: loading its policy")
@@ -159,13 +169,7 @@ class RoundRunner:
         metrics = {"selfee/round": round_idx}
         pool_skips = trainer.prompt_pool.skipped if trainer.prompt_pool is not None else {}
         metrics["selfee/pool_rows_skipped"] = float(sum(pool_skips.values()))
-        metrics.update(
-            annotate(
-                self.model, trainer.processing_class, prompts, selfee, beta=trainer.beta, out_path=str(pairs_path),
-                reference=self.judge_reference, seed=selfee.generation.seed + round_idx,
-                max_length=trainer.args.max_length,
-            )
-        )
+        metrics.update(self.annotate_round(round_idx, prompts, pairs_path))
         metrics.update(self.judge_accuracy())
         pairs = load_judged_pairs(pairs_path, reference=selfee.dpo_reference)
         metrics["selfee/pairs"] = len(pairs)
@@ -181,7 +185,72 @@ class RoundRunner:
         metrics["selfee/seconds_train"] = self._train(round_idx, dataset, selfee.round_epochs, refine=True)
         self.save_policy(round_idx)
         metrics.update(self._final_train_metrics())
+        metrics.update(self.signals_after_round(pairs_path))
         self._finish(round_idx, metrics)
+
+    def annotate_round(self, round_idx: int, prompts, pairs_path) -> dict:
+        """Generate and judge the round's prompts not judged yet, each rank its shard; rank 0 merges the rows.
+
+        Rank 0 reads which prompts every file of the round already holds (written by any earlier run, with any number
+        of processes) and broadcasts their ids, so all ranks deal the same remaining list; rank r takes every
+        world-th prompt of it (`distributed.shard`). A prompt is judged once, by one rank, whatever the world size.
+
+        Returns:
+            `summarize_judged_rows` over the merged file, the ranks' timings and `selfee/prompts_annotated` reduced
+            (`distributed.REDUCTIONS`), `selfee/prompts_resumed` and `selfee/world_size`; the same dict on every rank.
+        """
+        from .annotate import annotate
+
+        trainer, selfee = self.trainer, self.selfee
+        world, rank = distributed.world_size(), distributed.rank()
+        order = [str(pid) for pid, _ in prompts]
+        done = distributed.broadcast(
+            {row["prompt_id"] for row in read_round_rows(pairs_path)} & set(order) if distributed.is_main() else None
+        )
+        todo = [(str(pid), messages) for pid, messages in prompts if str(pid) not in done]
+        if done:
+            LOG.info(f"selfee round {round_idx}: resuming: {len(done)} prompt(s) already judged, {len(todo)} to go")
+        if world > 1:
+            LOG.info(f"selfee round {round_idx}: {len(todo)} prompt(s) sharded over {world} processes")
+        out_path = pairs_path if world == 1 else pairs_part_path(pairs_path, rank)
+        mine = distributed.shard(todo, rank, world)
+        local = annotate(
+            trainer.accelerator.unwrap_model(self.model), trainer.processing_class, mine, selfee, beta=trainer.beta,
+            out_path=str(out_path), reference=self.judge_reference, seed=selfee.generation.seed + round_idx,
+            max_length=trainer.args.max_length, summarize=False,
+        )
+        local["selfee/prompts_annotated"] = float(len(mine))
+        per_rank = distributed.gather(local)  # returns once every rank has written its rows
+        if distributed.is_main():
+            merge_pairs_parts(pairs_path, order)  # also folds in part files left by an interrupted run
+        distributed.barrier()
+        metrics = summarize_judged_rows(read_judged_rows(pairs_path), selfee.judge.length_bias_warning)
+        metrics.update(distributed.reduce_metrics(per_rank))
+        metrics["selfee/prompts_resumed"] = float(len(done))
+        metrics["selfee/world_size"] = float(world)
+        return metrics
+
+    def signals_after_round(self, pairs_path) -> dict:
+        """Signals that need no gold: the round's samples re-scored by pi_t (each rank its shard), see
+        `diagnostics.post_round_signals`, and held-out judge accuracy under pi_t (`selfee/judge_accuracy_after`)."""
+        from .diagnostics import post_round_signals
+        from .judge import rescore_rows
+
+        rows = read_judged_rows(pairs_path)
+        mine = distributed.shard(list(range(len(rows))), distributed.rank(), distributed.world_size())
+        scores = rescore_rows(
+            self.trainer.accelerator.unwrap_model(self.model), self.trainer.processing_class, [rows[i] for i in mine],
+            self.selfee.judge.batch_tokens, self.trainer.args.max_length,
+        )
+        after = [None] * len(rows)
+        for part in distributed.gather(list(zip(mine, scores))):
+            for i, logps in part:
+                after[i] = logps
+        signals = post_round_signals(rows, after)
+        accuracy = self.judge_accuracy()
+        if accuracy:
+            signals["selfee/judge_accuracy_after"] = accuracy["selfee/judge_accuracy"]
+        return signals
 
     def judge_accuracy(self) -> dict:
         if not self.selfee.judge.eval_pairs:
@@ -190,11 +259,13 @@ class RoundRunner:
 
         if self._eval_rows is None:
             self._eval_rows = load_eval_pairs(self.selfee.judge.eval_pairs, self.trainer.processing_class)
+        rows = distributed.shard(self._eval_rows, distributed.rank(), distributed.world_size())
         accuracy = judge_accuracy(
-            self.model, self.trainer.processing_class, self._eval_rows, reference=self.judge_reference,
+            self.model, self.trainer.processing_class, rows, reference=self.judge_reference,
             max_tokens=self.selfee.judge.batch_tokens, length_normalize=self.selfee.judge.length_normalize,
             max_length=self.trainer.args.max_length,
         )
+        accuracy = distributed.weighted_mean(distributed.gather((accuracy, len(rows))))
         return {"selfee/judge_accuracy": accuracy, "selfee/judge_eval_pairs": len(self._eval_rows)}
 
     def _final_train_metrics(self) -> dict:

@@ -107,6 +107,7 @@ def tiny_train_config(model_dir: str, data_dir: str, output_dir: str, **override
         "save_strategy": "no",
         "dataloader_num_workers": 0,
         "dataset_num_proc": 1,
+        "seed": 42,
         "plugins": ["selfee_plugin.SelfeePlugin"],
         "selfee": {"rounds": 0, "seed_epochs": 1},
     }
@@ -118,8 +119,12 @@ def tiny_train_config(model_dir: str, data_dir: str, output_dir: str, **override
     return cfg
 
 
-def run_axolotl_train(cfg: dict, workdir, timeout: int = 600, check: bool = True):
-    """Run the real `axolotl train` CLI on `cfg` in a subprocess; returns the CompletedProcess (output merged)."""
+def run_axolotl_train(cfg: dict, workdir, timeout: int = 600, check: bool = True, launcher: str = "python"):
+    """Run the real `axolotl train` CLI on `cfg` in a subprocess; returns the CompletedProcess (output merged).
+
+    `--launcher python` (one of Axolotl's launchers) runs training in the CLI's own process instead of starting a
+    second one through accelerate: the same code path on one CPU process, about 10 s less per run.
+    """
     import subprocess
     import sys
 
@@ -130,7 +135,7 @@ def run_axolotl_train(cfg: dict, workdir, timeout: int = 600, check: bool = True
         yaml.safe_dump(cfg, f)
     axolotl = os.path.join(os.path.dirname(sys.executable), "axolotl")
     proc = subprocess.run(
-        [axolotl, "train", path], cwd=str(workdir), capture_output=True, text=True, timeout=timeout,
+        [axolotl, "train", path, "--launcher", launcher], cwd=str(workdir), capture_output=True, text=True, timeout=timeout,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     proc.output = proc.stdout + proc.stderr

@@ -21,7 +21,9 @@ import yaml
 from selfee_plugin.args import SelfeeConfig, parse_selfee
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "example_configs"
-EXAMPLES = sorted(EXAMPLES_DIR.glob("*.yml"))
+# Examples that reuse a SELFEE run's outputs in a plain recipe (no `selfee:` block) are validated by their own
+# test file: ipo-on-judged-pairs.yml by tests/test_judged_pairs.py.
+EXAMPLES = sorted(p for p in EXAMPLES_DIR.glob("*.yml") if "selfee" in yaml.safe_load(p.read_text()))
 EXPECTED = {"zephyr-7b-qlora.yml", "llama3-8b-lora.yml", "phi2-lora.yml", "qwen2.5-0.5b-full.yml",
             "from-sft-adapter.yml"}
 # What `axolotl train` passes to validate_config on a bf16-capable GPU (cli/config.py gpu_capabilities).

@@ -45,7 +45,8 @@ def _check_artifacts(out, rounds=ROUNDS):
         metrics = json.loads((root / f"round_{t}" / "metrics.json").read_text())
         assert len(rows) == rounds[t - 1] == metrics["selfee/prompts_judged"]
         assert metrics["selfee/pairs"] == sum(r["skip_reason"] is None for r in rows)
-        for key in ("selfee/seconds_generate", "selfee/seconds_judge", "selfee/seconds_train", "selfee/distinct_2"):
+        for key in ("selfee/seconds_generate", "selfee/seconds_judge", "selfee/seconds_train", "selfee/distinct_2",
+                    "selfee/logps_drift_chosen", "selfee/kl_previous", "selfee/judge_agreement_after"):
             assert key in metrics
         prompt_ids += [r["prompt_id"] for r in rows]
         assert (root / f"round_{t}" / "adapter" / "adapter_model.safetensors").exists()
@@ -95,6 +96,15 @@ def test_seed_round_and_two_rounds_through_the_cli(adapter, tiny_model_dir, tiny
         assert f"selfee round {t} done" in proc.output
     assert "'selfee/noisy_fraction'" in proc.output and "'selfee/threshold'" in proc.output
     _check_artifacts(out)
+    if adapter == "lora":
+        # Same config and seed, another output_dir: byte-identical judged pairs in every round (CPU).
+        again = tmp_path / "again"
+        again.mkdir()
+        run_axolotl_train(_selfee_cfg(tiny_model_dir, tiny_data_dir, again / "out", **extra), again)
+        for t in (1, 2):
+            pairs = f"selfee/round_{t}/pairs.jsonl"
+            assert (again / "out" / pairs).read_bytes() == (out / pairs).read_bytes(), f"round {t} differs"
+        _rerun_refuses_a_changed_beta_then_appends_a_round(cfg, out, tmp_path)
 
     # Round 2 was generated and judged by round 1's policy: its recorded log pi_cur equal base + round_1 adapter's.
     rows = [r for r in _rows(out / "selfee" / "round_2" / "pairs.jsonl") if r["completions"]][:3]
@@ -111,11 +121,31 @@ def test_seed_round_and_two_rounds_through_the_cli(adapter, tiny_model_dir, tiny
     assert max(abs(a - b) for a, b in zip(judged, round_0)) > 10 * tol  # and not by round 0's
 
 
+def _rerun_refuses_a_changed_beta_then_appends_a_round(cfg, out, tmp_path):
+    """On the finished run: another rl_beta is refused before any weights load, naming the key and both ways out;
+    appending a third round trains only that round."""
+    refused = run_axolotl_train({**cfg, "rl_beta": 0.2}, tmp_path, check=False)
+    assert refused.returncode != 0
+    assert "rl_beta: None -> 0.2" in refused.output and "new output_dir" in refused.output  # unset: TRL's 0.1
+    assert "axolotl.loaders.model" not in refused.output  # refused before the model loader ran
+    appended = run_axolotl_train({**cfg, "selfee": {**cfg["selfee"], "rounds": ROUNDS + [6]}}, tmp_path)
+    assert "selfee round 0 (seed) already finished" in appended.output
+    assert "selfee round 1 already finished" in appended.output and "selfee round 2 already finished" in appended.output
+    assert "selfee round 3 done" in appended.output
+    summary = json.loads((out / "selfee" / "summary.json").read_text())
+    assert [row["selfee/round"] for row in summary] == [0, 1, 2, 3]
+
+
 @pytest.mark.e2e
 def test_sigkill_during_round_2_then_rerun_finishes_everything(tiny_model_dir, tiny_data_dir, tmp_path):
     out = tmp_path / "out"
     rounds = [4, 16]  # one prompt per judged chunk in round 2: a wide window to kill it mid-round
     cfg = _selfee_cfg(tiny_model_dir, tiny_data_dir, out, rounds=rounds, batch_size=1)
+    # Prompts over max_prompt_length: with one prompt per chunk, each is a chunk of only too-long prompts.
+    long_prompts = tmp_path / "long.jsonl"
+    long_prompts.write_text("".join(json.dumps({"prompt": "sort " + "9 " * 60}) + "\n" for _ in range(10)))
+    cfg["selfee"]["prompts"].append({"path": str(long_prompts), "ds_type": "json", "type": "prompt"})
+    cfg["selfee"]["generation"]["max_prompt_length"] = 40
     path = tmp_path / "config.yml"
     path.write_text(yaml.safe_dump(cfg))
     axolotl = os.path.join(os.path.dirname(sys.executable), "axolotl")
@@ -137,7 +167,16 @@ def test_sigkill_during_round_2_then_rerun_finishes_everything(tiny_model_dir, t
 
     rerun = run_axolotl_train(cfg, tmp_path)
     assert "selfee round 1 already finished" in rerun.output
+    assert f"{written} prompt(s) already judged" in rerun.output
     _check_artifacts(out, rounds)
+    long_rows = too_long = 0
+    for t in (1, 2):
+        rows = _rows(out / "selfee" / f"round_{t}" / "pairs.jsonl")
+        long_rows += sum(r["prompt_id"].startswith("1:") for r in rows)
+        assert all(r["skip_reason"] == "prompt_too_long" for r in rows if r["prompt_id"].startswith("1:"))
+        too_long += json.loads((out / "selfee" / f"round_{t}" / "metrics.json").read_text())[
+            "selfee/skipped_prompt_too_long"]
+    assert long_rows > 0 and too_long == long_rows
     metrics = json.loads((out / "selfee" / "round_2" / "metrics.json").read_text())
     assert metrics["selfee/prompts_resumed"] == written
     # A third run of the finished output_dir: test_rerunning_a_finished_run_loads_the_last_policy_and_trains_nothing.

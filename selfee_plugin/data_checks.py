@@ -1,0 +1,101 @@
+"""Checks on the user's seed pairs before any weights load: rows Axolotl would train on silently wrong, and seed
+prompts whose format differs from the chat-template prompts the rounds generate from."""
+
+from __future__ import annotations
+
+from ._logging import get_logger
+from .formatting import DUMMY_USER_MESSAGE, format_preference_rows, format_prompt
+
+LOG = get_logger(__name__)
+
+SHOWN = 5  # bad rows listed per dataset
+JUDGED_PAIRS_TYPE = "selfee_plugin.judged_pairs"
+
+
+def _row_problems(row: dict) -> list[str]:
+    problems = []
+    for key in ("prompt", "chosen", "rejected"):
+        value = row.get(key)
+        if not isinstance(value, str):
+            problems.append(f"`{key}` is missing")
+        elif key != "prompt" and DUMMY_USER_MESSAGE["content"] in value:
+            # Axolotl's chat_template.default renders an empty answer as the whole dummy conversation.
+            problems.append(f"`{key}` is empty (Axolotl would train on its {DUMMY_USER_MESSAGE['content']} turn)")
+        elif key != "prompt" and not value.strip():
+            problems.append(f"`{key}` is empty")
+    return problems
+
+
+def check_seed_datasets(cfg, tokenizer) -> list[list[dict]]:
+    """Format every seed row with its Axolotl DPO type and refuse rows that would train on nothing or a placeholder.
+
+    Returns:
+        per `datasets[i]`, the formatted rows (prompt/chosen/rejected strings).
+
+    Raises:
+        ValueError: naming `datasets[i]`, the file, the first bad rows (0-based, as the loader counts them) and why.
+    """
+    from axolotl.utils.data.shared import load_dataset_with_config
+    from axolotl.utils.dict import DictDefault
+
+    from .prompt_pool import describe_load_error
+
+    formatted = []
+    for idx, entry in enumerate(cfg.get("datasets") or []):
+        entry = dict(entry)
+        key, path, kind = f"datasets[{idx}]", entry.get("path"), entry.get("type")
+        if not isinstance(kind, str) or kind == JUDGED_PAIRS_TYPE:
+            # user_defined dicts: Axolotl's own loader checks them; judged pairs check their own rows (batched).
+            formatted.append([])
+            continue
+        try:
+            rows = list(load_dataset_with_config(DictDefault({"split": "train", **entry}), use_auth_token=False))
+        except Exception as error:
+            raise ValueError(describe_load_error(key, str(path), error)) from error
+        out, bad = [], []
+        for row_idx, row in enumerate(rows):
+            try:
+                (formatted_row,) = format_preference_rows([row], tokenizer, kind, entry)
+            except Exception as error:
+                raise ValueError(
+                    f"{key} ({path}) row {row_idx} cannot be formatted with type {kind}: {type(error).__name__}: "
+                    f"{error}. Row keys: {sorted(row)}."
+                ) from error
+            problems = _row_problems(formatted_row)
+            if problems:
+                bad.append(f"row {row_idx}: {'; '.join(problems)}")
+            out.append(formatted_row)
+        if bad:
+            raise ValueError(
+                f"{key} ({path}) has {len(bad)} seed pair(s) that cannot be trained on: {' | '.join(bad[:SHOWN])}"
+                f"{' | ...' if len(bad) > SHOWN else ''}. Fix or drop these rows."
+            )
+        formatted.append(out)
+    return formatted
+
+
+def warn_on_format_mismatch(cfg, tokenizer, formatted: list[list[dict]]) -> bool:
+    """Warn when a seed dataset's prompts do not end the way the chat template's generation prompt does.
+
+    Rounds render prompts with the tokenizer's chat template; a fixed-format seed type (`chatml.intel`,
+    `llama3.intel`, `user_defined`, ...) can render them differently, and DPO then teaches two formats.
+
+    Returns:
+        whether a warning was logged.
+    """
+    probe = "SELFEE_FORMAT_PROBE"
+    rendered = format_prompt(tokenizer, [{"role": "user", "content": probe}])
+    suffix = rendered[rendered.rfind(probe) + len(probe) :].strip()
+    warned = False
+    for idx, rows in enumerate(formatted):
+        mismatched = [r["prompt"] for r in rows if suffix and not r["prompt"].rstrip().endswith(suffix)]
+        if mismatched:
+            kind = dict(cfg["datasets"][idx]).get("type")
+            LOG.warning(
+                f"datasets[{idx}] (type {kind}) renders {len(mismatched)} of {len(rows)} seed prompts differently from "
+                f"the chat template the rounds generate with: a seed prompt ends {mismatched[0][-80:]!r}, a round "
+                f"prompt ends {rendered[-80:]!r}. DPO would then train on two formats; use a chat_template.* type or "
+                "set `chat_template` to the format of the seed data."
+            )
+            warned = True
+    return warned
