@@ -1,5 +1,5 @@
-"""Checks on the user's seed pairs before any weights load: rows Axolotl would train on silently wrong, and seed
-prompts whose format differs from the chat-template prompts the rounds generate from."""
+"""Everything checked before any weights load (`preflight`): parallelism, the prompt pool, seed rows Axolotl would
+train on silently wrong, seed prompts formatted unlike the rounds' chat template, and resume."""
 
 from __future__ import annotations
 
@@ -99,3 +99,31 @@ def warn_on_format_mismatch(cfg, tokenizer, formatted: list[list[dict]]) -> bool
             )
             warned = True
     return warned
+
+
+def preflight(cfg, selfee, pool=None):
+    """Run every check that needs no weights, in seconds, from the plugin's `pre_model_load`.
+
+    Returns:
+        (prompt pool, resume state) for the trainer.
+
+    Raises:
+        ValueError: naming the key or file and row, the value and what is allowed.
+    """
+    from .distributed import check_parallelism
+    from .prompt_pool import load_prompt_pool
+    from .resume import check_resume
+
+    check_parallelism(cfg)  # ZeRO-3 / FSDP / tensor or context parallelism
+    if selfee.round_sizes and pool is None:
+        pool = load_prompt_pool(selfee, selfee.round_sizes)
+        LOG.info(f"selfee: prompt pool of {len(pool)} prompts for rounds {selfee.round_sizes}")
+    if cfg.get("datasets"):
+        from axolotl.loaders.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg)
+        warn_on_format_mismatch(cfg, tokenizer, check_seed_datasets(cfg, tokenizer))
+    state = check_resume(cfg, selfee, pool)
+    if state["completed"]:
+        LOG.info(f"selfee: resuming {cfg.output_dir}; finished rounds {sorted(state['completed'])}")
+    return pool, state

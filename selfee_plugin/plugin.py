@@ -31,29 +31,12 @@ class SelfeePlugin(BasePlugin):
             axolotl_multiprocess_cpu.apply(LOG)
 
     def pre_model_load(self, cfg):
-        # Everything that can fail without weights fails here, in seconds: the prompt pool, eval pairs, resume.
+        # Everything that can fail without weights fails here, in seconds, not after loading a 7B model.
         selfee = parse_selfee(cfg)
-        if not selfee:
-            return
-        from .distributed import check_parallelism
-        from .resume import check_resume
+        if selfee:
+            from .data_checks import preflight
 
-        check_parallelism(cfg)  # ZeRO-3 / FSDP / tensor or context parallelism: refused before any weights load
-        if selfee.round_sizes and self._pool is None:
-            from .prompt_pool import load_prompt_pool
-
-            self._pool = load_prompt_pool(selfee, selfee.round_sizes)
-            LOG.info(f"selfee: prompt pool of {len(self._pool)} prompts for rounds {selfee.round_sizes}")
-        if cfg.get("datasets"):
-            from axolotl.loaders.tokenizer import load_tokenizer
-
-            from .data_checks import check_seed_datasets, warn_on_format_mismatch
-
-            tokenizer = load_tokenizer(cfg)
-            warn_on_format_mismatch(cfg, tokenizer, check_seed_datasets(cfg, tokenizer))
-        self._state = check_resume(cfg, selfee, self._pool)
-        if self._state["completed"]:
-            LOG.info(f"selfee: resuming {cfg.output_dir}; finished rounds {sorted(self._state['completed'])}")
+            self._pool, self._state = preflight(cfg, selfee, self._pool)
 
     def post_model_load(self, cfg, model):
         # Axolotl loads the policy first and, for full fine-tuning, the reference second (axolotl/train.py

@@ -36,6 +36,7 @@ from .artifacts import METRICS_FILE, PAIRS_FILE, SUMMARY_FILE, load_judged_pairs
 from .artifacts import merge_pairs_parts, pairs_part_path, read_judged_rows, read_round_rows, write_json
 from .diagnostics import summarize_judged_rows
 from .references import init_judge_reference, snapshot_dpo_reference
+from .report import write_report
 from .resume import check_resume, save_state
 
 LOG = get_logger(__name__)
@@ -100,6 +101,7 @@ class RoundRunner:
             write_json(round_dir(self.root, round_idx) / METRICS_FILE, metrics)
             save_state(self.root, self.state)
             write_json(self.root / SUMMARY_FILE, self._all_metrics())
+            write_report(self.root.parent)
         _fire(self.trainer, "on_selfee_round_end", round_idx=round_idx, metrics=metrics)
         numeric = {k: v for k, v in metrics.items() if k.startswith("selfee/") and isinstance(v, (int, float))}
         # Through the trainer's log, so the round's metrics reach the user's trackers (wandb, tensorboard, ...).

@@ -235,3 +235,16 @@ def test_load_policy_merges_a_peft_adapter_over_the_sft_base(demo_dir, tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, peft_model(ids).logits, rtol=1e-4, atol=1e-4)
     assert merged_tokenizer.chat_template == tokenizer.chat_template
+
+
+def test_the_demo_config_passes_axolotl_validation(tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch):
+    """The YAML demo.sh trains with (every `selfee:` key, Axolotl's own keys) validates as `axolotl train` would."""
+    from axolotl.cli.config import load_cfg
+    from axolotl.integrations.base import PluginManager
+    from selfee_demo.run import write_config
+
+    paths = {"sft_model": tiny_model_dir, "seed": f"{tiny_data_dir}/seed.jsonl",
+             "prompts": f"{tiny_data_dir}/prompts.jsonl", "eval_pairs": f"{tiny_data_dir}/seed.jsonl"}
+    monkeypatch.setattr(PluginManager, "_instance", None)
+    cfg = load_cfg(write_config(paths, str(tmp_path / "run")))
+    assert cfg.selfee["judge"]["batch_tokens"] > 0 and cfg.selfee["rounds"]

@@ -39,6 +39,8 @@ def _check_artifacts(out, rounds=ROUNDS):
     root = out / "selfee"
     summary = json.loads((root / "summary.json").read_text())
     assert [row["selfee/round"] for row in summary] == [0, 1, 2]
+    report = (root / "report.md").read_text()
+    assert sum(line.startswith("| ") for line in report.splitlines()) == 1 + len(summary)
     prompt_ids = []
     for t in (1, 2):
         rows = _rows(root / f"round_{t}" / "pairs.jsonl")

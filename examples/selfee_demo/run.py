@@ -43,7 +43,7 @@ SELFEE_BLOCK = {
     "rounds": [400, 800],
     "samples_per_prompt": 2,
     "generation": {"max_new_tokens": 12, "temperature": 0.7, "top_p": 1.0, "batch_size": 64},
-    "judge": {"batch_size": 64},
+    "judge": {"batch_tokens": 2048},
     "seed_epochs": 3,
     "round_epochs": 1,
 }
