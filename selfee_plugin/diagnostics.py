@@ -23,7 +23,7 @@ def _mean(xs):
 
 
 def summarize_judged_rows(rows: list[dict], length_bias_warning: float | None = None) -> dict[str, float]:
-    """Round diagnostics over judged rows (SPEC "Where the method fails": length bias is watched first)."""
+    """Round diagnostics over judged rows (length bias is watched first: the summed implicit reward's main failure mode)."""
     skips = Counter(r.get("skip_reason") for r in rows)
     pairs = [r for r in rows if r.get("chosen_index") is not None]
     margins = torch.tensor([r["margin"] for r in pairs], dtype=torch.float64)
@@ -68,7 +68,7 @@ def post_round_signals(rows: list[dict], after: list[list[float] | None]) -> dic
 
     Returns:
         `selfee/logps_drift_chosen` / `_rejected`: mean change of log pi on the chosen / rejected answers during the
-            round (the collapse SPEC describes showed as chosen log-probs falling ~3x);
+            round (a learning rate too high showed as chosen log-probs falling ~3x in one round);
         `selfee/kl_previous`: KL(pi_{t-1} || pi_t) estimated on the round's samples (drawn from pi_{t-1}), in nats
             per response;
         `selfee/judge_agreement_after`: share of the round's pairs whose chosen answer still has the strictly higher

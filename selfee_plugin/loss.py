@@ -110,7 +110,7 @@ def compute_extrapolated_logps(
 class NoiseDetector:
     """Rolling window of the last W values of beta * z~ and the K-quantile threshold that flags noisy pairs.
 
-    Order within a step (SPA reference code, and SPEC "keep the last W values of beta * z~ seen in training"):
+    Order within a step (SPA reference code; SPA Eq. 8-9: keep the last W values of beta * z~ seen in training):
     the current batch's values are appended to the window *first*, then tau is the K-quantile of the window,
     and a pair is noisy when beta * z~ <= tau. So the first step is well defined (its own batch sets tau), and a
     batch larger than W keeps only its last W values in the window, while every pair is still compared to tau.

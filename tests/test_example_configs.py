@@ -289,7 +289,7 @@ def test_unknown_keys_are_caught():
 
 
 def test_zephyr_example_is_the_papers_setup():
-    """SPEC section 1: seed of ~2K UltraFeedback pairs, rounds of 8K and 20K prompts, beta 0.1, max_length 2048,
+    """The paper's setup (SPA section 4.1): seed of ~2K UltraFeedback pairs, rounds of 8K and 20K prompts, beta 0.1, max_length 2048,
     max_prompt_length 1024, cosine schedule, warmup 0.1, effective batch 32, 3 seed epochs and 1 round epoch."""
     raw = _load(EXAMPLES_DIR / "zephyr-7b-qlora.yml")
     selfee = SelfeeConfig.model_validate(raw["selfee"])

@@ -143,7 +143,7 @@ def train_sft(model, tokenizer, params: dict, exclude: set[str]) -> list[float]:
 def _pair_row(prompt: str, a: str, b: str) -> dict | None:
     """A gold-labelled pair in Axolotl's `chat_template.default` DPO shape, or None when it carries no label.
 
-    Gold ties (identical answers included) have no label; an empty answer is never paired (SPEC §4), and
+    Gold ties (identical answers included) have no label; an empty answer is never paired (as in the plugin), and
     Axolotl's DPO strategy could not locate empty content in the rendered template anyway.
     """
     gold_a, gold_b = gold_score(prompt, a), gold_score(prompt, b)

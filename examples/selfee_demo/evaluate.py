@@ -15,7 +15,7 @@ from .task import gold_score, parse_prompt
 
 LOG = logging.getLogger(__name__)
 
-# SPEC §1 samples at temperature 0.7, top_p 1.0: evaluating with the same settings measures the policy that
+# SPA section 4.1 samples at temperature 0.7, top_p 1.0: evaluating with the same settings measures the policy that
 # SELFEE's generator actually sees.
 TEMPERATURE = 0.7
 # A correct answer is NUM_ITEMS words + EOS; the slack lets an over-long answer show up in the length metrics
@@ -163,7 +163,7 @@ def pair_texts(row: dict) -> tuple[str, str, str]:
 
 
 def score_pairs_accuracy(pairs: Iterable[dict]) -> dict:
-    """How often a judge's labels agree with the gold score, plus the length-bias diagnostic of SPEC §3.
+    """How often a judge's labels agree with the gold score, plus the length-bias diagnostic (longer-chosen share).
 
     Args:
         pairs: judged pairs (see `pair_texts` for the shapes), each with the judge's chosen and rejected text.
