@@ -182,6 +182,14 @@ class SelfeeConfig(_Block):
     refine: RefineConfig = Field(default_factory=RefineConfig, description="Label refinement settings.")
     seed_epochs: float = Field(default=3.0, gt=0.0, description="Epochs of DPO on the seed pairs (round 0).")
     round_epochs: float = Field(default=1.0, gt=0.0, description="Epochs of DPO on each round's judged pairs.")
+    round_learning_rate: float | None = Field(
+        default=None, gt=0.0, description="Learning rate of rounds t >= 1; default: Axolotl's `learning_rate`, as the seed."
+    )
+    round_micro_batch_size: int | None = Field(
+        default=None, gt=0,
+        description="Pairs per device step in rounds t >= 1 (the reference code trains rounds at twice the seed's "
+        "batch); default: Axolotl's `micro_batch_size`, as the seed.",
+    )
     dpo_reference: Literal["previous", "initial"] = Field(
         default="previous",
         description="DPO reference of round t: `previous` (pi_{t-1}, the paper) or `initial` (pi_init).",

@@ -119,10 +119,16 @@ class RoundRunner:
 
     # ---- training one round ---------------------------------------------------------------------------------
 
-    def _set_schedule(self, epochs: float) -> None:
-        """A fresh optimizer and learning-rate schedule per round, as the paper's separate runs have."""
-        args, cfg = self.trainer.args, self.trainer.axolotl_cfg
+    def _set_schedule(self, epochs: float, refine: bool) -> None:
+        """A fresh optimizer and learning-rate schedule per round, as the paper's separate runs have; rounds t >= 1
+        take `selfee.round_learning_rate` / `round_micro_batch_size` where set, the seed Axolotl's own values."""
+        args, cfg, selfee = self.trainer.args, self.trainer.axolotl_cfg, self.selfee
         args.num_train_epochs = epochs
+        args.learning_rate = (refine and selfee.round_learning_rate) or cfg.learning_rate or args.learning_rate
+        args.per_device_train_batch_size = (
+            (refine and selfee.round_micro_batch_size) or cfg.micro_batch_size or args.per_device_train_batch_size
+        )
+        self.trainer._train_batch_size = args.train_batch_size  # transformers reads the batch size from here
         # Axolotl sets max_steps from the seed set's size; each round has its own size.
         args.max_steps = cfg.max_steps or -1
         if cfg.warmup_steps is None:
@@ -134,7 +140,7 @@ class RoundRunner:
     def _train(self, round_idx: int, dataset, epochs: float, refine: bool) -> float:
         trainer, args = self.trainer, self.trainer.args
         trainer.train_dataset = dataset
-        self._set_schedule(epochs)
+        self._set_schedule(epochs, refine)
         trainer.begin_round(refine=refine)
         # Each round's HF checkpoints go to its own folder: `checkpoint-<step>` restarts at 1 every round.
         output_dir, args.output_dir = args.output_dir, str(round_dir(self.root, round_idx) / "checkpoints")

@@ -16,6 +16,8 @@ Upstream internals this module relies on (read from TRL 1.9.0, transformers 5.16
 - `Trainer._save_optimizer_and_scheduler(output_dir)` / `Trainer._load_optimizer_and_scheduler(checkpoint)`
   (private): the one save/load pair that every backend (DeepSpeed included) calls with the checkpoint folder;
   we store the noise window beside the optimizer state there. `Trainer.callback_handler.callbacks`: round events.
+  `Trainer._train_batch_size` (private): the per-device batch `get_train_dataloader` uses; `rounds.py` sets it per
+  round (`selfee.round_micro_batch_size`).
 - `trl.trainer.utils.use_adapter(model, adapter_name)`, `trl.trainer.utils.pad(tensors, padding_value, padding_side)`,
   `trl.models.utils.disable_gradient_checkpointing(model, gradient_checkpointing_kwargs)`,
   `trl.data_utils._tokenize(tokenizer, text)` (private; `formatting.py`): helpers not exported from `trl`.

@@ -123,6 +123,28 @@ def test_upstream_contract(tiny_model, tiny_tokenizer, tiny_data_dir, tmp_path):
     assert not trainer.refine_enabled  # TRL's loss until the round loop turns refinement on
 
 
+def test_round_learning_rate_and_micro_batch_apply_to_rounds_only(tiny_model, tiny_tokenizer, tiny_data_dir, tmp_path):
+    """`selfee.round_learning_rate` / `round_micro_batch_size` reach the optimizer and the dataloader of rounds t >= 1;
+    the seed round keeps Axolotl's `learning_rate` / `micro_batch_size`."""
+    from types import SimpleNamespace
+
+    from selfee_plugin.args import SelfeeConfig
+    from selfee_plugin.rounds import RoundRunner
+
+    trainer = _trainer(tiny_model, tiny_tokenizer, _pairs(tiny_data_dir), tmp_path)
+    runner = RoundRunner.__new__(RoundRunner)
+    runner.trainer = trainer
+    runner.selfee = SelfeeConfig(rounds=0, round_learning_rate=5e-5, round_micro_batch_size=2)
+    trainer.axolotl_cfg = SimpleNamespace(learning_rate=1e-3, micro_batch_size=4, max_steps=None, warmup_steps=0)
+    for refine, lr, pairs in ((True, 5e-5, 2), (False, 1e-3, 4)):
+        runner._set_schedule(1.0, refine)
+        trainer.create_optimizer_and_scheduler(num_training_steps=10)
+        assert trainer.optimizer.param_groups[0]["initial_lr" if "initial_lr" in
+                                                 trainer.optimizer.param_groups[0] else "lr"] == pytest.approx(lr)
+        batch = next(iter(trainer.get_train_dataloader()))
+        assert batch["input_ids"].shape[0] == 2 * pairs  # [chosen; rejected]
+
+
 def test_refine_round_logs_every_trl_metric_with_trl_values(tiny_model, tiny_tokenizer, tiny_data_dir, tmp_path):
     """At alpha = 0 a refine round's step logs what TRL's own compute_loss logs, with the same values
     (`num_tokens` is cumulative: both steps add the same count), plus SELFEE's detection metrics."""
