@@ -161,3 +161,43 @@ def test_merged_copy_of_a_4bit_model_dequantizes_the_base(tiny_model_dir, tiny_t
     ids = torch.tensor([[2, 5, 9, 11, 4]])
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, model(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------- batch sizing
+
+
+def test_out_of_memory_halves_the_batch_and_loses_or_repeats_no_prompt(tiny_model, tiny_tokenizer, monkeypatch):
+    """A batch of more than 2 prompts runs out of memory: the sampler halves to 2, keeps that size, and every prompt
+    is sampled exactly once."""
+    from selfee_plugin.generation import HFSampler
+
+    sampler = HFSampler(tiny_model, tiny_tokenizer, _cfg(batch_size=8))
+    real, seen = HFSampler._generate_batch, []
+
+    def small_memory(model, batch, *args):
+        if len(batch) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        seen.extend(index for index, _ in batch)
+        return real(model, batch, *args)
+
+    monkeypatch.setattr(HFSampler, "_generate_batch", staticmethod(small_memory))
+    prompts = PROMPTS * 3  # 12 prompts
+    out = sampler.generate(prompts, n=2, seed=0)
+    assert out.batch_prompts == sampler.batch_prompts == 2
+    assert sorted(seen) == list(range(len(prompts)))  # each once
+    assert all(r is not None and len(r) == 2 for r in out.responses)
+
+
+def test_auto_batch_is_fixed_on_cpu_and_sized_from_the_config_on_an_accelerator():
+    """On CPU `auto` is 64 sequences. The per-sequence estimate for Mistral-7B shapes at 150 + 300 tokens:
+    KV 2 x 32 layers x 8 KV heads x 128 x 450 x 2 bytes = 58,982,400; sampling 6 x 32000 x 4 = 768,000;
+    prefill 150 x (3 x 14336 + 4 x 4096) x 2 = 17,817,600."""
+    from transformers import MistralConfig
+
+    from selfee_plugin.generation import CPU_AUTO_SEQUENCES, auto_batch_sequences, sequence_bytes
+
+    config = MistralConfig(vocab_size=32000, hidden_size=4096, num_hidden_layers=32, intermediate_size=14336,
+                           num_attention_heads=32, num_key_value_heads=8)
+    assert sequence_bytes(config, 450, 150) == 58_982_400 + 768_000 + 17_817_600
+    cpu_model = torch.nn.Linear(2, 2)
+    assert auto_batch_sequences(cpu_model, 150, 300) == CPU_AUTO_SEQUENCES == 64
