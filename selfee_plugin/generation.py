@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from ._logging import get_logger
 from .formatting import format_prompt, tokenize_prompt
+from .logprobs import eval_mode
 
 LOG = get_logger(__name__)
 
@@ -53,19 +54,6 @@ class Sampler(Protocol):
 
     def generate(self, prompts: list[list[dict]], n: int, seed: int) -> Generations:
         """Sample `n` answers per prompt (chat turns ending before the answer), reproducibly for a given seed."""
-
-
-@contextmanager
-def eval_mode(*modules):
-    """Put `modules` in eval mode and restore every submodule's own train/eval flag afterwards."""
-    flags = [(m, m.training) for module in modules for m in module.modules()]
-    for module in modules:
-        module.eval()
-    try:
-        yield
-    finally:
-        for m, training in flags:
-            m.training = training
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:
@@ -134,13 +122,13 @@ def sequence_bytes(config, tokens: int, prompt_tokens: int, dtype_bytes: int = 2
     return kv + sampling + prefill
 
 
-def auto_batch_sequences(model, prompt_tokens: int, max_new_tokens: int, reserve_bytes: int = 0) -> int:
+def auto_batch_sequences(model, prompt_tokens: int, max_new_tokens: int) -> int:
     """Sequences per generate() call for `batch_size: auto`: a fixed modest batch on CPU; on an accelerator the most
-    whose cache and buffers fit the free memory with a margin (after `reserve_bytes`), at most AUTO_MAX_SEQUENCES."""
+    whose cache and buffers fit the free memory with a margin, at most AUTO_MAX_SEQUENCES."""
     device = next(model.parameters()).device
     if device.type != "cuda":
         return CPU_AUTO_SEQUENCES
-    budget = MEMORY_MARGIN * free_accelerator_bytes(device) - reserve_bytes
+    budget = MEMORY_MARGIN * free_accelerator_bytes(device)
     per_sequence = sequence_bytes(model.config, prompt_tokens + max_new_tokens, prompt_tokens)
     return int(max(1, min(AUTO_MAX_SEQUENCES, budget // per_sequence)))
 
@@ -166,9 +154,9 @@ class HFSampler:
         self.model, self.tokenizer, self.cfg, self.progress = model, tokenizer, gen_cfg, progress
         self.batch_prompts = None if gen_cfg.batch_size == "auto" else gen_cfg.batch_size
 
-    def _plan_batch(self, model, longest_prompt: int, n: int, reserve_bytes: int = 0) -> int:
+    def _plan_batch(self, model, longest_prompt: int, n: int) -> int:
         if self.batch_prompts is None:
-            sequences = auto_batch_sequences(model, longest_prompt, self.cfg.max_new_tokens, reserve_bytes)
+            sequences = auto_batch_sequences(model, longest_prompt, self.cfg.max_new_tokens)
             self.batch_prompts = max(1, sequences // n)
             LOG.info(f"selfee generation: batch_size auto -> {self.batch_prompts} prompts x {n} samples")
         return self.batch_prompts

@@ -326,19 +326,21 @@ def judge_policy(path: str | os.PathLike) -> tuple[tuple | None, str]:
     identity is None (and the description says why) when the run's `state.json` cannot tell."""
     import json
 
+    from .artifacts import STATE_FILE, policy_dir
+
     path = Path(path).resolve()
     match, root = re.fullmatch(r"round_(\d+)", path.parent.name), path.parent.parent
-    if not match or not (root / "state.json").is_file():
+    if not match or not (root / STATE_FILE).is_file():
         return None, (f"{path} is not at output_dir/selfee/round_<t>/pairs.jsonl beside the run's state.json, so "
                       "the policy that judged it is unknown")
-    state = json.loads((root / "state.json").read_text())
+    state = json.loads((root / STATE_FILE).read_text())
     fp, done, prev = state.get("fingerprint") or {}, set(state.get("completed") or []), int(match.group(1)) - 1
     base, adapter, lora_dir = fp.get("base_model"), fp.get("adapter"), fp.get("lora_model_dir")
     quant, peft = (bool(fp.get("load_in_4bit")), bool(fp.get("load_in_8bit"))), adapter in ("lora", "qlora")
     if prev not in done and prev != 0:
-        return None, f"{root / 'state.json'} does not list round {prev} as finished: the judge of {path} is unknown"
+        return None, f"{root / STATE_FILE} does not list round {prev} as finished: the judge of {path} is unknown"
     # With no seed round, pi_0 is pi_init: the starting adapter, or the base model (a fresh adapter is zero).
-    policy = root / f"round_{prev}" / ("adapter" if peft else "model") if prev in done else (lora_dir or None)
+    policy = policy_dir(root, prev, peft) if prev in done else (lora_dir or None)
     if peft and policy:
         return ("adapter", _same_path(base), adapter, quant, _same_path(policy)), f"{base} + adapter {policy}"
     if peft:

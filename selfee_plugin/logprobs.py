@@ -15,6 +15,19 @@ LOG = get_logger(__name__)
 LOGSOFTMAX_ROWS = 4
 
 
+@contextmanager
+def eval_mode(*modules):
+    """Put `modules` in eval mode and restore every submodule's own train/eval flag afterwards (judging, sampling)."""
+    flags = [(m, m.training) for module in modules for m in module.modules()]
+    for module in modules:
+        module.eval()
+    try:
+        yield
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
 def sequence_logps(
     logits: torch.Tensor, labels: torch.Tensor, completion_mask: torch.Tensor, rows: int = LOGSOFTMAX_ROWS
 ) -> torch.Tensor:
@@ -101,8 +114,6 @@ def completion_logps(
         logps: (N,) float32 summed log-probs; lengths: (N,) completion tokens scored.
     """
     from trl.trainer.utils import pad
-
-    from .generation import eval_mode
 
     device = next(model.parameters()).device
     logps, lengths = torch.zeros(len(sequences)), torch.zeros(len(sequences), dtype=torch.long)

@@ -43,8 +43,9 @@ def mergeable(model) -> str | None:
         return "not a PEFT model"
     if any(getattr(c, "use_dora", False) for c in model.peft_config.values()):
         return "DoRA adapters"
-    if getattr(model, "peft_type", None) not in (None, "LORA") and str(model.peft_type) != "PeftType.LORA":
-        return f"peft_type {model.peft_type}"
+    other = [str(c.peft_type) for c in model.peft_config.values() if c.peft_type != "LORA"]
+    if other:
+        return f"peft_type {other[0]}"
     return None
 
 
