@@ -26,6 +26,7 @@ setup(
         # Imported only for 4-bit models (QLoRA), which need it; Axolotl leaves it out on macOS too.
         'bitsandbytes; sys_platform != "darwin"',
         "datasets",
+        "matplotlib",  # selfee/report.png
         "packaging",
         "peft",
         "pydantic>=2",

@@ -162,6 +162,59 @@ class RefineConfig(_Block):
     )
 
 
+class GuardConfig(_Block):
+    """The round guard: after a round's training, undo it when gold-free signals show harm (README "Round guard")."""
+
+    enabled: bool = Field(default=True, description="Check every round t >= 1 after its training.")
+    min_chosen_drift: float = Field(
+        default=0.0,
+        description="Fire when the policy's log-probs on the round's chosen answers fell by more than this many "
+        "nats per token during the round (`selfee/logps_drift_chosen_per_token` below it).",
+    )
+    max_length_growth: float = Field(
+        default=0.1, ge=0.0,
+        description="Fire when answers sampled after the round (`probe_prompts` of its prompts) are longer than the "
+        "round's own samples of the same prompts by more than this share, while the judge chose the longer answer "
+        "in most unequal-length pairs.",
+    )
+    min_on_policy_accuracy: float = Field(
+        default=0.5, ge=0.0, le=1.0,
+        description="Fire when the judge agrees with `selfee.labels` on fewer than this share of labelled pairs.",
+    )
+    probe_prompts: int = Field(
+        default=64, ge=0, description="Prompts of the round re-sampled after training to measure length growth (0: off)."
+    )
+    lr_scale: float = Field(
+        default=0.5, gt=0.0, lt=1.0,
+        description="The retry's learning rate, as a share of the round's; length-biased rounds retry with "
+        "length-balanced pairs at the round's rate instead.",
+    )
+
+
+class LabelsConfig(_Block):
+    """On-policy label check: a few of each round's own pairs labelled by a person or a function (beyond the paper)."""
+
+    per_round: float = Field(
+        default=0, ge=0,
+        description="Pairs to label per round: a share of the round's pairs (< 1) or a count (>= 1); 0: off. The "
+        "judge's least sure pairs are exported, unequal-length pairs first.",
+    )
+    function: str | None = Field(
+        default=None,
+        description="`module.path:callable` labelling (messages, chosen, rejected) -> `chosen` | `rejected` | `tie`; "
+        "without it the run stops and asks for labels in `round_<t>/to_label.jsonl`.",
+    )
+
+    @field_validator("function")
+    @classmethod
+    def _callable_path(cls, function):
+        if function is not None and (function.count(":") != 1 or not all(function.split(":"))):
+            raise ValueError(
+                f"selfee.labels.function is {function!r}; give `module.path:callable`, e.g. selfee_demo.task:gold_label."
+            )
+        return function
+
+
 class SelfeeConfig(_Block):
     """SELFEE / SPA: seed DPO, then rounds of self-generated, self-judged, noise-aware DPO."""
 
@@ -180,6 +233,8 @@ class SelfeeConfig(_Block):
     generation: GenerationConfig = Field(default_factory=GenerationConfig, description="Sampling settings.")
     judge: JudgeConfig = Field(default_factory=JudgeConfig, description="Judgment settings.")
     refine: RefineConfig = Field(default_factory=RefineConfig, description="Label refinement settings.")
+    guard: GuardConfig = Field(default_factory=GuardConfig, description="Round guard settings.")
+    labels: LabelsConfig = Field(default_factory=LabelsConfig, description="On-policy label check settings.")
     seed_epochs: float = Field(default=3.0, gt=0.0, description="Epochs of DPO on the seed pairs (round 0).")
     round_epochs: float = Field(default=1.0, gt=0.0, description="Epochs of DPO on each round's judged pairs.")
     round_learning_rate: float | None = Field(

@@ -145,10 +145,15 @@ def append_rows(f, rows: list[dict]) -> None:
 
 
 def load_judged_pairs(path: str | os.PathLike, reference: str = "previous", with_metadata: bool = False):
+    """`judged_pairs_dataset` of a judged-pairs JSON Lines file."""
+    return judged_pairs_dataset(read_judged_rows(path), reference, with_metadata)
+
+
+def judged_pairs_dataset(rows: list[dict], reference: str = "previous", with_metadata: bool = False):
     """Judged pairs as a `datasets.Dataset` that TRL 1.9's DPOTrainer tokenizes like an Axolotl DPO dataset.
 
     Args:
-        path: a judged-pairs JSON Lines file.
+        rows: judged rows (`pairs.jsonl`); unpaired rows are left out.
         reference: which judged log-probs become the DPO reference columns: `previous` (log pi_cur, the paper's
             pi_{t-1}) or `initial` (the judge's reference, pi_init), as `selfee.dpo_reference`.
         with_metadata: also return `prompt_id` and `probability`.
@@ -164,7 +169,7 @@ def load_judged_pairs(path: str | os.PathLike, reference: str = "previous", with
     columns = {k: [] for k in ("prompt", "chosen", "rejected", "ref_chosen_logps", "ref_rejected_logps")}
     if with_metadata:
         columns.update(prompt_id=[], probability=[])
-    for row in read_judged_rows(path):
+    for row in rows:
         w, l = row["chosen_index"], row["rejected_index"]
         if w is None:
             continue

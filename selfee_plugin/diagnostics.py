@@ -68,14 +68,15 @@ def post_round_signals(rows: list[dict], after: list[list[float] | None]) -> dic
 
     Returns:
         `selfee/logps_drift_chosen` / `_rejected`: mean change of log pi on the chosen / rejected answers during the
-            round (a learning rate too high showed as chosen log-probs falling ~3x in one round);
+            round (a learning rate too high showed as chosen log-probs falling ~3x in one round); `..._per_token`:
+            the same summed over the pairs and divided by their tokens (comparable across answer lengths);
         `selfee/kl_previous`: KL(pi_{t-1} || pi_t) estimated on the round's samples (drawn from pi_{t-1}), in nats
             per response;
         `selfee/judge_agreement_after`: share of the round's pairs whose chosen answer still has the strictly higher
             implicit reward under pi_t (r = log pi_t - log pi_init);
         `selfee/reward_after_mean`: mean log pi_t - log pi_init over the round's samples.
     """
-    drift_w, drift_l, kl, agree, rewards = [], [], [], [], []
+    drift_w, drift_l, kl, agree, rewards, tokens_w, tokens_l = [], [], [], [], [], [], []
     for row, logps in zip(rows, after):
         if logps is None or row.get("policy_logps") is None:
             continue
@@ -86,10 +87,14 @@ def post_round_signals(rows: list[dict], after: list[list[float] | None]) -> dic
         if w is not None:
             drift_w.append(logps[w] - before[w])
             drift_l.append(logps[l] - before[l])
+            tokens_w.append(row["completion_lengths"][w])
+            tokens_l.append(row["completion_lengths"][l])
             agree.append(float(logps[w] - init[w] > logps[l] - init[l]))
     return {
         "selfee/logps_drift_chosen": _mean(drift_w),
         "selfee/logps_drift_rejected": _mean(drift_l),
+        "selfee/logps_drift_chosen_per_token": sum(drift_w) / max(sum(tokens_w), 1),
+        "selfee/logps_drift_rejected_per_token": sum(drift_l) / max(sum(tokens_l), 1),
         "selfee/kl_previous": _mean(kl),
         "selfee/judge_agreement_after": _mean(agree),
         "selfee/reward_after_mean": _mean(rewards),

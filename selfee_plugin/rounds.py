@@ -27,14 +27,19 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
+
+import torch
 
 from accelerate.utils import is_peft_model
 
 from . import distributed
 from ._logging import get_logger
-from .artifacts import METRICS_FILE, PAIRS_FILE, SUMMARY_FILE, load_judged_pairs, policy_dir, round_dir, selfee_root
+from .artifacts import METRICS_FILE, PAIRS_FILE, SUMMARY_FILE, judged_pairs_dataset, policy_dir, round_dir, selfee_root
 from .artifacts import merge_pairs_parts, pairs_part_path, read_judged_rows, read_round_rows, write_json
 from .diagnostics import summarize_judged_rows
+from .guard import Attempt, balance_lengths, retry_attempt, verdict
+from .labels import apply_labels, round_labels
 from .references import init_judge_reference, snapshot_dpo_reference
 from .report import write_report
 from .resume import check_resume, save_state
@@ -74,8 +79,8 @@ class RoundRunner:
 
     # ---- persistence -------------------------------------------------------------------------------------
 
-    def save_policy(self, round_idx: int) -> None:
-        out = policy_dir(self.root, round_idx, self.peft)
+    def save_policy(self, round_idx: int, out: Path | None = None) -> None:
+        out = out or policy_dir(self.root, round_idx, self.peft)
         if self.peft:
             if distributed.is_main():
                 self.model.save_pretrained(str(out), selected_adapters=["default"])
@@ -95,8 +100,10 @@ class RoundRunner:
             state = AutoModelForCausalLM.from_pretrained(str(src), dtype=self.model.dtype).state_dict()
             self.trainer.accelerator.unwrap_model(self.model).load_state_dict(state)
 
-    def _finish(self, round_idx: int, metrics: dict) -> None:
-        self.state["completed"].append(round_idx)
+    def _finish(self, round_idx: int, metrics: dict, completed: bool = True) -> None:
+        """Record a round: finished (`completed`), or the round at which the guard stopped the loop."""
+        if completed:
+            self.state["completed"].append(round_idx)
         if distributed.is_main():  # every rank holds the same metrics (reduced in `annotate_round`)
             write_json(round_dir(self.root, round_idx) / METRICS_FILE, metrics)
             save_state(self.root, self.state)
@@ -107,11 +114,12 @@ class RoundRunner:
         # Through the trainer's log, so the round's metrics reach the user's trackers (wandb, tensorboard, ...).
         self.trainer.log({k: float(v) for k, v in numeric.items()})
         shown = {k.split("/", 1)[1]: round(v, 4) if isinstance(v, float) else v for k, v in numeric.items()}
-        LOG.info(f"selfee round {round_idx} done: {shown}")
+        LOG.info(f"selfee round {round_idx} {'done' if completed else 'stopped'}: {shown}")
 
     def _all_metrics(self) -> list[dict]:
         rows = []
-        for idx in sorted(self.state["completed"]):
+        stopped = [self.state["stopped"]["round"]] if self.state.get("stopped") else []
+        for idx in sorted(self.state["completed"]) + stopped:
             path = round_dir(self.root, idx) / METRICS_FILE
             if path.exists():
                 rows.append(json.loads(path.read_text()))
@@ -119,12 +127,12 @@ class RoundRunner:
 
     # ---- training one round ---------------------------------------------------------------------------------
 
-    def _set_schedule(self, epochs: float, refine: bool) -> None:
+    def _set_schedule(self, epochs: float, refine: bool, lr_scale: float = 1.0) -> None:
         """A fresh optimizer and learning-rate schedule per round, as the paper's separate runs have; rounds t >= 1
         take `selfee.round_learning_rate` / `round_micro_batch_size` where set, the seed Axolotl's own values."""
         args, cfg, selfee = self.trainer.args, self.trainer.axolotl_cfg, self.selfee
         args.num_train_epochs = epochs
-        args.learning_rate = (refine and selfee.round_learning_rate) or cfg.learning_rate or args.learning_rate
+        args.learning_rate = lr_scale * ((refine and selfee.round_learning_rate) or cfg.learning_rate or args.learning_rate)
         args.per_device_train_batch_size = (
             (refine and selfee.round_micro_batch_size) or cfg.micro_batch_size or args.per_device_train_batch_size
         )
@@ -137,13 +145,14 @@ class RoundRunner:
         self.trainer.optimizer = None
         self.trainer.lr_scheduler = None
 
-    def _train(self, round_idx: int, dataset, epochs: float, refine: bool) -> float:
+    def _train(self, round_idx: int, dataset, epochs: float, refine: bool, attempt: Attempt = Attempt(1)) -> float:
         trainer, args = self.trainer, self.trainer.args
         trainer.train_dataset = dataset
-        self._set_schedule(epochs, refine)
+        self._set_schedule(epochs, refine, attempt.lr_scale)
         trainer.begin_round(refine=refine)
-        # Each round's HF checkpoints go to its own folder: `checkpoint-<step>` restarts at 1 every round.
-        output_dir, args.output_dir = args.output_dir, str(round_dir(self.root, round_idx) / "checkpoints")
+        # Each round's (and retry's) HF checkpoints go to its own folder: `checkpoint-<step>` restarts at 1.
+        folder = "checkpoints" if attempt.number == 1 else f"checkpoints_attempt_{attempt.number}"
+        output_dir, args.output_dir = args.output_dir, str(round_dir(self.root, round_idx) / folder)
         start = time.monotonic()
         try:
             self.last_output = self.train_fn()
@@ -165,36 +174,130 @@ class RoundRunner:
         metrics.update(self._final_train_metrics())
         self._finish(0, metrics)
 
-    def run_round(self, round_idx: int, prompts) -> None:
+    def run_round(self, round_idx: int, prompts) -> bool:
+        """Annotate, label-check and train round t under the guard. Returns False when the guard stopped the loop."""
         trainer, selfee = self.trainer, self.selfee
         if round_idx in self.state["completed"]:
             LOG.info(f"selfee round {round_idx} already finished: loading its policy")
             self.load_policy(round_idx)
-            return
+            return True
         _fire(trainer, "on_selfee_round_begin", round_idx=round_idx)
-        pairs_path = round_dir(self.root, round_idx) / PAIRS_FILE
+        rdir = round_dir(self.root, round_idx)
         LOG.info(f"selfee round {round_idx}: generating and judging {len(prompts)} prompts")
         metrics = {"selfee/round": round_idx}
         pool_skips = trainer.prompt_pool.skipped if trainer.prompt_pool is not None else {}
         metrics["selfee/pool_rows_skipped"] = float(sum(pool_skips.values()))
-        metrics.update(self.annotate_round(round_idx, prompts, pairs_path))
+        metrics.update(self.annotate_round(round_idx, prompts, rdir / PAIRS_FILE))
         metrics.update(self.judge_accuracy())
-        pairs = load_judged_pairs(pairs_path, reference=selfee.dpo_reference)
-        metrics["selfee/pairs"] = len(pairs)
-        if len(pairs) == 0:
-            LOG.warning(f"selfee round {round_idx}: no usable pair was judged; the policy is left unchanged")
-            self.save_policy(round_idx)
-            self._finish(round_idx, metrics)
-            return
+        rows = read_judged_rows(rdir / PAIRS_FILE)
+        labels = round_labels(rows, selfee.labels, rdir) if selfee.labels.per_round else {}
         if selfee.dpo_reference == "previous":
             snapshot_dpo_reference(self.model, trainer)
-        dataset = trainer._prepare_dataset(pairs, trainer.processing_class, trainer.args, f"selfee_round_{round_idx}")
-        LOG.info(f"selfee round {round_idx}: DPO on {len(pairs)} judged pairs, {selfee.round_epochs} epoch(s)")
-        metrics["selfee/seconds_train"] = self._train(round_idx, dataset, selfee.round_epochs, refine=True)
+        start = self._snapshot(round_idx)
+        attempt, rejected = Attempt(1), []
+        while True:
+            outcome, reasons = self._attempt(round_idx, rows, labels, attempt, metrics)
+            if not reasons or not selfee.guard.enabled:
+                break
+            rejected.append({"attempt": attempt.number, "with": attempt.describe(), "reasons": reasons})
+            self._reject(round_idx, attempt, outcome, reasons, start)
+            if attempt.number > 1:
+                break
+            attempt = retry_attempt(metrics, selfee)
+            LOG.warning(f"selfee guard: retrying round {round_idx} once on the same judged pairs with {attempt.describe()}")
+        metrics.update(outcome)
+        metrics["selfee/guard_rejected_attempts"] = float(len(rejected))
+        if rejected:
+            metrics["selfee/guard_rejected"] = rejected
+        if reasons and selfee.guard.enabled:
+            metrics["selfee/guard_decision"] = "stopped"
+            self.state["stopped"] = {"round": round_idx, "reasons": reasons}
+            self._finish(round_idx, metrics, completed=False)
+            LOG.warning(self._stopped_message())
+            return False
+        metrics["selfee/guard_decision"] = (
+            "off" if not selfee.guard.enabled else "accepted" if not rejected else "accepted_on_retry"
+        )
+        if reasons:  # guard off: say what it would have done
+            metrics["selfee/guard_would_fire"] = reasons
+            LOG.warning(f"selfee round {round_idx}: the round guard (off) would have fired: {'; '.join(reasons)}")
         self.save_policy(round_idx)
-        metrics.update(self._final_train_metrics())
-        metrics.update(self.signals_after_round(pairs_path))
         self._finish(round_idx, metrics)
+        return True
+
+    def _attempt(self, round_idx: int, rows: list[dict], labels: dict, attempt: Attempt, round_metrics: dict):
+        """Train one attempt of round t on its judged pairs (labels applied); returns its metrics and the guard's
+        reasons to reject it. A judge that disagrees with the labels is rejected before any training."""
+        trainer, selfee = self.trainer, self.selfee
+        train_rows = balance_lengths(rows) if attempt.length_balanced else rows
+        train_rows, outcome = apply_labels(train_rows, labels)
+        pairs = judged_pairs_dataset(train_rows, reference=selfee.dpo_reference)
+        outcome["selfee/pairs_trained"] = float(len(pairs))
+        reasons = verdict(outcome, round_metrics, selfee.guard)
+        if reasons:
+            return outcome, reasons
+        if len(pairs) == 0:
+            LOG.warning(f"selfee round {round_idx}: no usable pair to train on; the policy is left unchanged")
+            return outcome, []
+        dataset = trainer._prepare_dataset(pairs, trainer.processing_class, trainer.args, f"selfee_round_{round_idx}")
+        LOG.info(
+            f"selfee round {round_idx}: DPO on {len(pairs)} judged pairs, {selfee.round_epochs} epoch(s)"
+            + (f", attempt {attempt.number} with {attempt.describe()}" if attempt.number > 1 else "")
+        )
+        outcome["selfee/seconds_train"] = self._train(round_idx, dataset, selfee.round_epochs, True, attempt)
+        outcome["selfee/learning_rate"] = trainer.args.learning_rate
+        outcome.update(self._final_train_metrics())
+        outcome.update(self.signals_after_round(round_idx, train_rows))
+        return outcome, verdict(outcome, round_metrics, selfee.guard)
+
+    def _snapshot(self, round_idx: int):
+        """pi_{t-1}'s weights, for the guard to restore: the LoRA adapter's tensors, or under full fine-tuning the
+        previous round's saved model (a CPU copy of the whole model only when none was saved)."""
+        if not self.selfee.guard.enabled:
+            return None
+        model = self.trainer.accelerator.unwrap_model(self.model)
+        if self.peft:
+            return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if ".default." in n}
+        if policy_dir(self.root, round_idx - 1, False).exists():
+            return round_idx - 1
+        return {n: t.detach().to("cpu", copy=True) for n, t in model.state_dict().items()}
+
+    def _restore(self, snapshot) -> None:
+        if isinstance(snapshot, int):
+            self.load_policy(snapshot)
+            return
+        model = self.trainer.accelerator.unwrap_model(self.model)
+        if self.peft:
+            with torch.no_grad():
+                for name, param in model.named_parameters():
+                    if name in snapshot:
+                        param.copy_(snapshot[name])
+        else:
+            model.load_state_dict(snapshot)
+
+    def _reject(self, round_idx: int, attempt: Attempt, outcome: dict, reasons: list[str], start) -> None:
+        """Keep the rejected policy and its signals under `round_<t>/rejected/attempt_<k>/`; restore pi_{t-1}."""
+        dest = round_dir(self.root, round_idx) / "rejected" / f"attempt_{attempt.number}"
+        dest.mkdir(parents=True, exist_ok=True)
+        if "selfee/seconds_train" in outcome:
+            self.save_policy(round_idx, dest / ("adapter" if self.peft else "model"))
+            self._restore(start)
+        if distributed.is_main():
+            write_json(dest / METRICS_FILE, {**outcome, "selfee/guard_reasons": reasons, "with": attempt.describe()})
+        LOG.warning(
+            f"selfee guard: round {round_idx} attempt {attempt.number} ({attempt.describe()}) rejected: "
+            f"{'; '.join(reasons)}. The policy is back to pi_{round_idx - 1}; the rejected one is in {dest}."
+        )
+
+    def _stopped_message(self) -> str:
+        stop, completed = self.state["stopped"], self.state["completed"]
+        final = f"round {max(completed)}'s policy" if completed else "the starting model"
+        return (
+            f"selfee: the round guard stopped the loop at round {stop['round']}: {'; '.join(stop['reasons'])}. "
+            f"The final model is {final} (rounds after it did not run). To go further, start a new output_dir with a lower learning rate "
+            "(selfee.round_learning_rate), length-robust judging, or more labels (selfee.labels); see the README, "
+            "\"Round guard\"."
+        )
 
     def annotate_round(self, round_idx: int, prompts, pairs_path) -> dict:
         """Generate and judge the round's prompts not judged yet, each rank its shard; rank 0 merges the rows.
@@ -238,13 +341,12 @@ class RoundRunner:
         metrics["selfee/world_size"] = float(world)
         return metrics
 
-    def signals_after_round(self, pairs_path) -> dict:
-        """Signals that need no gold: the round's samples re-scored by pi_t (each rank its shard), see
-        `diagnostics.post_round_signals`, and held-out judge accuracy under pi_t (`selfee/judge_accuracy_after`)."""
+    def signals_after_round(self, round_idx: int, rows: list[dict]) -> dict:
+        """Signals that need no gold: the round's trained rows re-scored by pi_t (each rank its shard), see
+        `diagnostics.post_round_signals`; the length probe; held-out judge accuracy under pi_t."""
         from .diagnostics import post_round_signals
         from .judge import rescore_rows
 
-        rows = read_judged_rows(pairs_path)
         mine = distributed.shard(list(range(len(rows))), distributed.rank(), distributed.world_size())
         scores = rescore_rows(
             self.trainer.accelerator.unwrap_model(self.model), self.trainer.processing_class, [rows[i] for i in mine],
@@ -255,10 +357,43 @@ class RoundRunner:
             for i, logps in part:
                 after[i] = logps
         signals = post_round_signals(rows, after)
+        signals.update(self.length_probe(round_idx, rows))
         accuracy = self.judge_accuracy()
         if accuracy:
             signals["selfee/judge_accuracy_after"] = accuracy["selfee/judge_accuracy"]
         return signals
+
+    def length_probe(self, round_idx: int, rows: list[dict]) -> dict:
+        """Answers sampled from pi_t for the round's first `guard.probe_prompts` prompts, against the round's own
+        samples of them (from pi_{t-1}, same settings): does the round make answers longer or cut them off?"""
+        from .generation import make_sampler
+
+        selfee, tokenizer = self.selfee, self.trainer.processing_class
+        probe = [row for row in rows if row.get("responses")][: selfee.guard.probe_prompts]
+        if not probe:
+            return {}
+        mine = distributed.shard(probe, distributed.rank(), distributed.world_size())
+        gens = make_sampler(self.trainer.accelerator.unwrap_model(self.model), tokenizer, selfee.generation).generate(
+            [row["messages"] for row in mine], selfee.samples_per_prompt, selfee.generation.seed + round_idx
+        )
+
+        def tokens(texts):
+            return [len(tokenizer(t, add_special_tokens=False).input_ids) for t in texts]
+
+        before, after, cut = [], [], []
+        for row, responses, finished in zip(mine, gens.responses, gens.finished):
+            if responses is not None:
+                before, after, cut = before + tokens(row["responses"]), after + tokens(responses), cut + finished
+        before, after, cut = (sum(part, []) for part in zip(*distributed.gather((before, after, cut))))
+        if not before:
+            return {}
+        mean_before, mean_after = sum(before) / len(before), sum(after) / len(after)
+        return {
+            "selfee/probe_length_before": mean_before,
+            "selfee/probe_length_after": mean_after,
+            "selfee/length_growth": mean_after / mean_before - 1 if mean_before else 0.0,
+            "selfee/probe_truncated_after": sum(not f for f in cut) / len(cut),
+        }
 
     def judge_accuracy(self) -> dict:
         if not self.selfee.judge.eval_pairs:
@@ -283,6 +418,11 @@ class RoundRunner:
 
     def run(self) -> None:
         selfee, trainer = self.selfee, self.trainer
+        if self.state.get("stopped"):
+            LOG.warning(self._stopped_message())
+            if self.state["completed"]:
+                self.load_policy(max(self.state["completed"]))
+            return
         planned = set(range(1, len(selfee.round_sizes) + 1))
         if self.state["completed"] and planned <= set(self.state["completed"]):
             LOG.info(f"selfee: every round in {self.root} is already finished; nothing to train")
@@ -294,7 +434,8 @@ class RoundRunner:
             LOG.info("selfee round 0 skipped: no seed pairs")
         chunks = trainer.prompt_pool.chunks(selfee.round_sizes) if selfee.round_sizes else []
         for round_idx, prompts in enumerate(chunks, start=1):
-            self.run_round(round_idx, prompts)
+            if not self.run_round(round_idx, prompts):
+                return
         LOG.info(f"selfee: all {len(chunks) + 1} rounds finished; summary in {self.root / SUMMARY_FILE}")
 
 

@@ -12,16 +12,21 @@ def test_post_round_signals_by_hand():
     """Row A: pair (0 chosen, 1 rejected); before [-10, -12], init [-11, -11], after [-9, -14]:
     drift_w = 1, drift_l = -2, KL terms (before - after) = -1, 2; r_after = [2, -3] -> agrees.
     Row B: pair (1 chosen, 0 rejected); before [-5, -4], init [-5, -5], after [-4, -6]: drift_w = -2, drift_l = 1,
-    KL terms -1, 2; r_after = [1, -1]: the chosen (index 1) is now lower -> disagrees. Row C is unjudged."""
+    KL terms -1, 2; r_after = [1, -1]: the chosen (index 1) is now lower -> disagrees. Row C is unjudged.
+    Per token: chosen answers have 4 and 6 tokens, rejected 2 and 3."""
     rows = [
-        {"policy_logps": [-10.0, -12.0], "ref_logps": [-11.0, -11.0], "chosen_index": 0, "rejected_index": 1},
-        {"policy_logps": [-5.0, -4.0], "ref_logps": [-5.0, -5.0], "chosen_index": 1, "rejected_index": 0},
+        {"policy_logps": [-10.0, -12.0], "ref_logps": [-11.0, -11.0], "chosen_index": 0, "rejected_index": 1,
+         "completion_lengths": [4, 2]},
+        {"policy_logps": [-5.0, -4.0], "ref_logps": [-5.0, -5.0], "chosen_index": 1, "rejected_index": 0,
+         "completion_lengths": [3, 6]},
         {"policy_logps": None, "ref_logps": None, "chosen_index": None, "rejected_index": None},
     ]
     after = [[-9.0, -14.0], [-4.0, -6.0], None]
     signals = post_round_signals(rows, after)
     assert signals["selfee/logps_drift_chosen"] == pytest.approx((1 - 2) / 2)
     assert signals["selfee/logps_drift_rejected"] == pytest.approx((-2 + 1) / 2)
+    assert signals["selfee/logps_drift_chosen_per_token"] == pytest.approx((1 - 2) / (4 + 6))
+    assert signals["selfee/logps_drift_rejected_per_token"] == pytest.approx((-2 + 1) / (2 + 3))
     assert signals["selfee/kl_previous"] == pytest.approx((-1 + 2 - 1 + 2) / 4)
     assert signals["selfee/judge_agreement_after"] == pytest.approx(0.5)
     assert signals["selfee/reward_after_mean"] == pytest.approx((2 - 3 + 1 - 1) / 4)

@@ -1,0 +1,131 @@
+"""Does the round guard keep SELFEE from ending worse than its round 0? Learning rate x seed x task, on the demo.
+
+Each run is the demo (seed round + rounds of 400 and 800 prompts, LoRA, through `axolotl train`) with a `selfee:`
+variant: `guard` (the defaults: guard on), `off` (guard off: what it would have done is logged), or `labels` (guard
+on + `selfee.labels` at K = 5% of each round's pairs, labelled by the demo's gold score, `selfee_demo.task:gold_label`).
+Every policy is scored with the gold score over 200 held-out prompts x 2 samples: each finished round's, each
+attempt the guard rejected (`round_<t>/rejected/attempt_<k>/`), and the final one (the last finished round).
+
+    python benchmarks/guard_study.py --tasks fixed variable --lrs 1e-4 5e-4 2e-3 --seeds 0 1 2
+    python benchmarks/guard_study.py --tasks variable --lrs 5e-4 --variants labels
+
+It prints one line per round and per rejected attempt, then per (task, lr, variant) the final gold minus round 0's
+over seeds; `--json` keeps every row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+EXAMPLES = str(Path(__file__).resolve().parents[1] / "examples")
+sys.path.insert(0, EXAMPLES)
+
+from selfee_demo.build import build_demo  # noqa: E402
+from selfee_demo.evaluate import evaluate_policy, load_eval_set, load_policy  # noqa: E402
+from selfee_demo.run import data_dir_for, train, write_config  # noqa: E402
+
+VARIANTS = {
+    "guard": {},
+    "off": {"guard": {"enabled": False}},
+    "labels": {"labels": {"per_round": 0.05, "function": "selfee_demo.task:gold_label"}},
+}
+SIGNALS = ("selfee/logps_drift_chosen_per_token", "selfee/kl_previous", "selfee/length_growth",
+           "selfee/longer_chosen_fraction", "selfee/judge_accuracy_on_policy", "selfee/response_length_mean")
+
+
+def gold(paths: dict, policy_dir: str, seed: int, eval_set) -> tuple[float, float]:
+    model, tokenizer = load_policy(policy_dir, base_model=paths["sft_model"])
+    quality = evaluate_policy(model, tokenizer, *eval_set, seed=seed)
+    return quality["gold_mean"], quality["length_mean"]
+
+
+def run_one(paths: dict, out: str, task: str, lr: float, seed: int, variant: str) -> list[dict]:
+    run_dir = os.path.abspath(os.path.join(out, task, f"{variant}_lr{lr:g}_seed{seed}"))
+    root = Path(run_dir) / "selfee"
+    state = json.loads((root / "state.json").read_text()) if (root / "state.json").exists() else {}
+    if not (state.get("stopped") or {1, 2} <= set(state.get("completed", []))):
+        config = write_config(paths, run_dir, seed=seed, learning_rate=lr, selfee=VARIANTS[variant])
+        train(config, os.path.join(run_dir, "train.log"))
+        state = json.loads((root / "state.json").read_text())
+    eval_set = load_eval_set(paths["eval_prompts"])
+    summary = {row["selfee/round"]: row for row in json.loads((root / "summary.json").read_text())}
+    rows = []
+    for t in sorted(summary):
+        metrics = summary[t]
+        base = {"task": task, "lr": lr, "seed": seed, "variant": variant, "round": t,
+                **{key: metrics.get(key) for key in SIGNALS}}
+        for attempt_dir in sorted((root / f"round_{t}" / "rejected").glob("attempt_*")):
+            attempt = json.loads((attempt_dir / "metrics.json").read_text())
+            g, length = gold(paths, str(attempt_dir / "adapter"), seed, eval_set) if (attempt_dir / "adapter").exists() \
+                else (None, None)
+            rows.append({**base, **{key: attempt.get(key) for key in SIGNALS}, "policy": attempt_dir.name,
+                         "decision": "rejected (" + attempt["with"] + ")", "gold": g, "length": length})
+        adapter = root / f"round_{t}" / "adapter"
+        if adapter.exists():
+            g, length = gold(paths, str(adapter), seed, eval_set)
+            rows.append({**base, "policy": "final" if t == max(state["completed"]) else "kept",
+                         "decision": metrics.get("selfee/guard_decision", "-"), "gold": g, "length": length})
+        elif t == (state.get("stopped") or {}).get("round"):
+            rows.append({**base, "policy": "-", "decision": "stopped", "gold": None, "length": None})
+    return rows
+
+
+def fmt(value, spec=".3f"):
+    return "-" if value is None else format(value, spec)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", nargs="+", default=["fixed", "variable"], choices=["fixed", "variable"])
+    parser.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 5e-4, 2e-3])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--variants", nargs="+", default=["guard"], choices=sorted(VARIANTS))
+    parser.add_argument("--out", default="bench_output/guard")
+    parser.add_argument("--noise", type=float, default=0.02, help="gold change counted as evaluation noise")
+    parser.add_argument("--json", default=None, help="write every row here")
+    args = parser.parse_args()
+    os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # The labeller (selfee_demo.task:gold_label) is imported inside `axolotl train`.
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [EXAMPLES, os.environ.get("PYTHONPATH")]))
+    rows = []
+    for task in args.tasks:
+        data_dir = data_dir_for("demo_output", task)
+        paths = {k: os.path.abspath(v) for k, v in build_demo(data_dir, seed=0, task=task).items()}
+        for variant in args.variants:
+            for lr in args.lrs:
+                for seed in args.seeds:
+                    rows += run_one(paths, args.out, task, lr, seed, variant)
+    header = "| task | variant | lr | seed | round | policy | decision | gold | length | drift chosen/token | KL prev | length growth | longer chosen | judge acc. on policy |"
+    print(header + "\n|" + "---|" * header.count(" | ") + "---|")
+    for r in rows:
+        print(f"| {r['task']} | {r['variant']} | {r['lr']:g} | {r['seed']} | {r['round']} | {r['policy']} | "
+              f"{r['decision']} | {fmt(r['gold'])} | {fmt(r['length'], '.2f')} | "
+              f"{fmt(r['selfee/logps_drift_chosen_per_token'], '+.3f')} | {fmt(r['selfee/kl_previous'])} | "
+              f"{fmt(r['selfee/length_growth'], '+.2f')} | {fmt(r['selfee/longer_chosen_fraction'], '.2f')} | "
+              f"{fmt(r['selfee/judge_accuracy_on_policy'], '.2f')} |")
+    print("\n| task | variant | lr | final - round 0 gold (per seed) | mean | runs below round 0 by > noise |")
+    print("|---|---|---|---|---|---|")
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["task"], r["variant"], r["lr"]), {}).setdefault(r["seed"], []).append(r)
+    for (task, variant, lr), by_seed in groups.items():
+        changes = []
+        for seed_rows in by_seed.values():
+            round0 = next(r["gold"] for r in seed_rows if r["round"] == 0 and r["policy"] in ("final", "kept"))
+            final = next(r["gold"] for r in seed_rows if r["policy"] == "final")
+            changes.append(final - round0)
+        worse = sum(c < -args.noise for c in changes)
+        print(f"| {task} | {variant} | {lr:g} | {', '.join(f'{c:+.3f}' for c in changes)} | "
+              f"{statistics.mean(changes):+.3f} | {worse} of {len(changes)} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
