@@ -283,6 +283,13 @@ class SelfeeConfig(_Block):
                 "selfee.prompts_per_round is set but selfee.rounds is already a list of round sizes; "
                 "remove one of them."
             )
+        if self.dpo_reference == "initial" and self.judge.reference_model and self.refine.extrapolation > 0:
+            raise ValueError(
+                "selfee.dpo_reference: initial with selfee.judge.reference_model makes the reference model's log-probs "
+                "the DPO reference columns, but selfee.refine.extrapolation > 0 computes reference logits from the "
+                "policy's starting weights: the two would disagree. Set refine.extrapolation: 0, or dpo_reference: "
+                "previous."
+            )
         if self.round_sizes and not self.prompts:
             raise ValueError(
                 f"selfee.prompts is empty but selfee.rounds asks for {len(self.round_sizes)} self-annotation round(s); "
@@ -327,14 +334,46 @@ class SelfeeArgs(BaseModel):
                 f"cannot run with {'; '.join(problems)}. Remove these keys; to train another preference loss on "
                 "SELFEE's judged pairs, use them as a dataset (type: selfee_plugin.judged_pairs) without `selfee:`."
             )
-        selfee = data["selfee"]
-        judge = (selfee.get("judge") or {}) if isinstance(selfee, dict) else {}
-        if not data.get("datasets") and not (isinstance(judge, dict) and judge.get("reference_model")):
-            raise ValueError(
-                "selfee has no seed preference pairs (`datasets:` is empty), so selfee.judge.reference_model is "
-                "required: without a seed-trained policy the judge needs another model as its reference."
-            )
         return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def check_dataset_or_pretraining_dataset(cls, data):
+        """Replaces Axolotl's validator of this name, which requires `datasets:`, so that a `selfee:` run may have
+        no seed pairs (round 0 skipped, `judge.reference_model` as pi_init; the plugin's `load_datasets` supplies
+        the empty seed set). The override works because the plugin's mixin precedes Axolotl's validation mixins
+        in the merged config class's MRO (tests/test_no_seed.py checks it); configs without `selfee:` or with
+        seed pairs still get Axolotl's own check."""
+        from axolotl.utils.schemas.validation import DatasetValidationMixin
+
+        selfee = data.get("selfee") if isinstance(data, dict) else None
+        if selfee is None or data.get("datasets"):
+            return DatasetValidationMixin.check_dataset_or_pretraining_dataset(data)
+        selfee = selfee if isinstance(selfee, dict) else {}
+        judge = selfee.get("judge") or {}
+        if not (isinstance(judge, dict) and judge.get("reference_model")):
+            raise ValueError(
+                "selfee has no seed preference pairs (`datasets:` is absent or empty), so "
+                "selfee.judge.reference_model is required: with no seed round, the judge needs another model as "
+                "pi_init (e.g. the base model your instruct model was tuned from). Set it, or add seed pairs under "
+                "`datasets:`."
+            )
+        if selfee.get("rounds") in (0, []):
+            raise ValueError(
+                f"selfee has no seed preference pairs and selfee.rounds is {selfee['rounds']!r}: there is nothing to "
+                "train. Ask for self-annotation rounds (e.g. rounds: [8000, 20000]), or add seed pairs under "
+                "`datasets:`."
+            )
+        evaluation = [key for key in ("test_datasets", "val_set_size") if data.get(key)]
+        if evaluation:
+            raise ValueError(
+                f"selfee has no seed preference pairs, so Axolotl's dataset loading, which builds the evaluation set "
+                f"from test_datasets or a val_set_size share of `datasets:`, does not run: {' and '.join(evaluation)} "
+                "would be ignored. Remove it; to measure the judge on held-out human pairs each round, use "
+                "selfee.judge.eval_pairs."
+            )
+        # `datasets: []` means the same as no `datasets:` key; Axolotl's schema refuses an empty list.
+        return {key: value for key, value in data.items() if key != "datasets"}
 
 
 def parse_selfee(cfg) -> SelfeeConfig | None:

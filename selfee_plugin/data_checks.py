@@ -1,5 +1,6 @@
 """Everything checked before any weights load (`preflight`): parallelism, the prompt pool, seed rows Axolotl would
-train on silently wrong, seed prompts formatted unlike the rounds' chat template, and resume."""
+train on silently wrong, seed prompts formatted unlike the rounds' chat template, a `judge.reference_model` that
+does not share the policy's tokenizer, and resume."""
 
 from __future__ import annotations
 
@@ -101,6 +102,49 @@ def warn_on_format_mismatch(cfg, tokenizer, formatted: list[list[dict]]) -> bool
     return warned
 
 
+def check_reference_model(cfg, reference_model: str, tokenizer) -> None:
+    """`judge.reference_model` scores the policy's token ids, so it must read them as the same tokens; checked from
+    its config and tokenizer files, without its weights.
+
+    Raises:
+        ValueError: naming `selfee.judge.reference_model`: not a readable model, an embedding smaller than the
+            policy's tokenizer, or a tokenizer that gives a shared token another id.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    key = f"selfee.judge.reference_model ({reference_model})"
+    remote = bool(cfg.get("trust_remote_code"))
+    try:
+        config = AutoConfig.from_pretrained(reference_model, trust_remote_code=remote)
+    except Exception as error:
+        raise ValueError(
+            f"{key} cannot be read as a model: {type(error).__name__}: {error}. Give the directory of a saved causal "
+            "LM (config.json + weights) or a hub id."
+        ) from error
+    fix = (
+        "The judge scores the policy's token ids under both models: use a reference with the policy's tokenizer, "
+        "e.g. the base model the policy was tuned from."
+    )
+    embeddings = getattr(config.get_text_config(), "vocab_size", None)
+    if embeddings is not None and len(tokenizer) > embeddings:
+        raise ValueError(
+            f"{key} has {embeddings} token embeddings, fewer than the {len(tokenizer)} tokens of the policy's "
+            f"tokenizer (tokens added to the policy would index past the reference's embedding). {fix}"
+        )
+    try:
+        reference_tokenizer = AutoTokenizer.from_pretrained(reference_model, trust_remote_code=remote)
+    except Exception:  # a model saved without tokenizer files: its embedding size is all there is to check
+        return
+    ours, theirs = tokenizer.get_vocab(), reference_tokenizer.get_vocab()
+    moved = sorted(token for token in ours.keys() & theirs.keys() if ours[token] != theirs[token])
+    if moved:
+        token = moved[0]
+        raise ValueError(
+            f"{key} has another tokenizer: {len(moved)} token(s) have other ids, e.g. {token!r} is "
+            f"{ours[token]} for the policy and {theirs[token]} for the reference. {fix}"
+        )
+
+
 def preflight(cfg, selfee, pool=None):
     """Run every check that needs no weights, in seconds, from the plugin's `pre_model_load`.
 
@@ -118,11 +162,15 @@ def preflight(cfg, selfee, pool=None):
     if selfee.round_sizes and pool is None:
         pool = load_prompt_pool(selfee, selfee.round_sizes)
         LOG.info(f"selfee: prompt pool of {len(pool)} prompts for rounds {selfee.round_sizes}")
-    if cfg.get("datasets"):
+    reference_model = selfee.judge.reference_model
+    if cfg.get("datasets") or reference_model:
         from axolotl.loaders.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(cfg)
-        warn_on_format_mismatch(cfg, tokenizer, check_seed_datasets(cfg, tokenizer))
+        if cfg.get("datasets"):
+            warn_on_format_mismatch(cfg, tokenizer, check_seed_datasets(cfg, tokenizer))
+        if reference_model:
+            check_reference_model(cfg, reference_model, tokenizer)
     state = check_resume(cfg, selfee, pool)
     if state["completed"]:
         LOG.info(f"selfee: resuming {cfg.output_dir}; finished rounds {sorted(state['completed'])}")

@@ -9,6 +9,11 @@ from .args import parse_selfee
 
 LOG = get_logger(__name__)
 
+NO_SEED_COLUMNS = {"prompt": [], "chosen": [], "rejected": []}
+# TRL 1.9's DPOTrainer.__init__ reads the first row of its train_dataset (`next(iter(...))`, to detect the format),
+# so with no seed pairs it is built on this one row and then given the empty seed set; the row is never trained on.
+FORMAT_PROBE_ROW = {"prompt": ["x"], "chosen": ["y"], "rejected": ["z"]}
+
 
 class SelfeePlugin(BasePlugin):
     """Adds the `selfee:` block and runs the SELFEE round loop inside `axolotl train` for `rl: dpo`."""
@@ -29,6 +34,24 @@ class SelfeePlugin(BasePlugin):
             from .patches import axolotl_multiprocess_cpu
 
             axolotl_multiprocess_cpu.apply(LOG)
+
+    def load_datasets(self, cfg, preprocess=False):
+        # No seed pairs (`datasets:` absent, allowed by SelfeeArgs): Axolotl's own loader would fail on the missing
+        # key, so hand it an empty seed set instead; the round loop then skips round 0. `axolotl preprocess` has
+        # nothing to prepare (the prompt pool is read at the start of `axolotl train`).
+        if cfg.get("selfee") is None or cfg.get("datasets"):
+            return None
+        from axolotl.common.datasets import TrainDatasetMeta
+        from datasets import Dataset
+
+        if preprocess:
+            LOG.info("selfee: no seed pairs (`datasets:` is absent): nothing to preprocess")
+        else:
+            LOG.info(
+                "selfee: no seed pairs (`datasets:` is absent): round 0 is skipped and the judge's pi_init is "
+                f"selfee.judge.reference_model ({parse_selfee(cfg).judge.reference_model})"
+            )
+        return TrainDatasetMeta(train_dataset=Dataset.from_dict(NO_SEED_COLUMNS), total_num_steps=0)
 
     def pre_model_load(self, cfg):
         # Everything that can fail without weights fails here, in seconds, not after loading a 7B model.
@@ -69,6 +92,7 @@ class SelfeePlugin(BasePlugin):
         # Axolotl 0.19's RL builder passes no model positionally to a plugin's trainer class (upstream PR #2883),
         # so the models captured in post_model_load are bound here.
         def build_trainer(*args, **kwargs):
+            from datasets import Dataset
             from peft import PeftModel
 
             if isinstance(model, PeftModel):
@@ -79,6 +103,12 @@ class SelfeePlugin(BasePlugin):
                 from transformers import set_seed
 
                 set_seed(cfg.seed)
+            seed_pairs = kwargs.get("train_dataset")
+            if isinstance(seed_pairs, Dataset) and len(seed_pairs) == 0:
+                kwargs["train_dataset"] = Dataset.from_dict(FORMAT_PROBE_ROW)
+                trainer = SelfeeDPOTrainer(model, model_ref, *args, selfee_cfg=cfg, **kwargs)
+                trainer.train_dataset = seed_pairs  # empty: the round loop skips round 0
+                return trainer
             return SelfeeDPOTrainer(model, model_ref, *args, selfee_cfg=cfg, **kwargs)
 
         return build_trainer

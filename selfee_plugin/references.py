@@ -78,14 +78,32 @@ def copy_adapter(model, source: str, target: str) -> None:
     model.set_adapter(POLICY_ADAPTER)
 
 
+def load_reference_model(path: str, model):
+    """`judge.reference_model`, frozen, loaded as the policy's base was: same dtype and, under QLoRA, the same 4-bit
+    quantization (a 7B reference then takes ~4 GB instead of 14 GB in bf16, and both judged log-probs come from
+    4-bit weights), on the policy's device."""
+    from transformers import AutoModelForCausalLM
+
+    quantization = getattr(model.config, "quantization_config", None)
+    if quantization is None:
+        ref = AutoModelForCausalLM.from_pretrained(path, dtype=model.dtype).to(model.device)
+    else:
+        # A quantized model cannot be moved with `.to()`: place it on the policy's device while loading.
+        ref = AutoModelForCausalLM.from_pretrained(
+            path, dtype=model.dtype, quantization_config=quantization, device_map={"": model.device}
+        )
+        from .patches import bitsandbytes_cpu_weight_packing
+
+        bitsandbytes_cpu_weight_packing.apply(ref, LOG)  # as the policy gets in the plugin's post_model_load
+    LOG.info(f"selfee: judge reference pi_init = {path} ({'quantized' if quantization else ref.dtype})")
+    return ref.eval().requires_grad_(False)
+
+
 def init_judge_reference(model, trainer, reference_model: str | None):
     """pi_init for the judge: `judge.reference_model`, a frozen copy of a starting adapter, adapters disabled, or
     (full fine-tuning) a frozen copy of the starting model. Call before the first round trains."""
     if reference_model:
-        from transformers import AutoModelForCausalLM
-
-        ref = AutoModelForCausalLM.from_pretrained(reference_model, dtype=model.dtype)
-        return ref.to(model.device).eval().requires_grad_(False)
+        return load_reference_model(reference_model, model)
     if not _is_peft(model):
         return copy.deepcopy(trainer.accelerator.unwrap_model(model)).eval().requires_grad_(False)
     if REF_ADAPTER in model.peft_config:

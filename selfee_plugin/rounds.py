@@ -39,7 +39,7 @@ from .artifacts import METRICS_FILE, PAIRS_FILE, SUMMARY_FILE, judged_pairs_data
 from .artifacts import merge_pairs_parts, pairs_part_path, read_judged_rows, read_round_rows, write_json
 from .diagnostics import summarize_judged_rows
 from .guard import Attempt, balance_lengths, retry_attempt, verdict
-from .labels import apply_labels, round_labels
+from .labels import LabelsNeeded, apply_labels, round_labels
 from .references import init_judge_reference, snapshot_dpo_reference
 from .report import write_report
 from .resume import check_resume, save_state
@@ -190,7 +190,7 @@ class RoundRunner:
         metrics.update(self.annotate_round(round_idx, prompts, rdir / PAIRS_FILE))
         metrics.update(self.judge_accuracy())
         rows = read_judged_rows(rdir / PAIRS_FILE)
-        labels = round_labels(rows, selfee.labels, rdir) if selfee.labels.per_round else {}
+        labels = self._round_labels(rows, rdir) if selfee.labels.per_round else {}
         if selfee.dpo_reference == "previous":
             snapshot_dpo_reference(self.model, trainer)
         start = self._snapshot(round_idx)
@@ -224,6 +224,20 @@ class RoundRunner:
         self.save_policy(round_idx)
         self._finish(round_idx, metrics)
         return True
+
+    def _round_labels(self, rows: list[dict], rdir: Path) -> dict[str, str]:
+        """`labels.round_labels` on rank 0 (it writes `to_label.jsonl` and may call the labeller); every rank gets
+        the same labels, or raises the same stop or error, so no rank waits for another that has left."""
+        outcome = None
+        if distributed.is_main():
+            try:
+                outcome = round_labels(rows, self.selfee.labels, rdir)
+            except (Exception, LabelsNeeded) as error:
+                outcome = error
+        outcome = distributed.broadcast(outcome)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
 
     def _attempt(self, round_idx: int, rows: list[dict], labels: dict, attempt: Attempt, round_metrics: dict):
         """Train one attempt of round t on its judged pairs (labels applied); returns its metrics and the guard's
@@ -428,7 +442,8 @@ class RoundRunner:
             LOG.info(f"selfee: every round in {self.root} is already finished; nothing to train")
             self.load_policy(max(self.state["completed"]))
             return
-        if trainer.train_dataset is not None and len(trainer.train_dataset) > 0:
+        seeded = trainer.train_dataset is not None and len(trainer.train_dataset) > 0
+        if seeded:
             self.run_seed_round()
         else:
             LOG.info("selfee round 0 skipped: no seed pairs")
@@ -436,7 +451,7 @@ class RoundRunner:
         for round_idx, prompts in enumerate(chunks, start=1):
             if not self.run_round(round_idx, prompts):
                 return
-        LOG.info(f"selfee: all {len(chunks) + 1} rounds finished; summary in {self.root / SUMMARY_FILE}")
+        LOG.info(f"selfee: all {len(chunks) + seeded} rounds finished; summary in {self.root / SUMMARY_FILE}")
 
 
 def run_rounds(trainer, train_fn):

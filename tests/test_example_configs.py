@@ -25,7 +25,7 @@ EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "example_configs"
 # test file: ipo-on-judged-pairs.yml by tests/test_judged_pairs.py.
 EXAMPLES = sorted(p for p in EXAMPLES_DIR.glob("*.yml") if "selfee" in yaml.safe_load(p.read_text()))
 EXPECTED = {"zephyr-7b-qlora.yml", "llama3-8b-lora.yml", "phi2-lora.yml", "qwen2.5-0.5b-full.yml",
-            "from-sft-adapter.yml"}
+            "from-sft-adapter.yml", "no-seed-qwen2.5-1.5b-lora.yml"}
 # What `axolotl train` passes to validate_config on a bf16-capable GPU (cli/config.py gpu_capabilities).
 GPU_CAPABILITIES = {"bf16": True, "fp8": False, "tf32": True, "n_gpu": 1, "compute_capability": "sm_89"}
 # Axolotl DPO types that read UltraFeedback-style rows: chosen/rejected are whole conversations.
@@ -136,7 +136,8 @@ def localize(raw: dict, assets: dict, out_dir: Path) -> dict:
         cfg["lora_model_dir"] = assets["adapter"]
     cfg["output_dir"] = str(out_dir / "out")
     cfg["dataset_prepared_path"] = str(out_dir / "prepared")
-    cfg["datasets"] = [_local_preference_entry(e, assets) for e in cfg.get("datasets") or []]
+    if "datasets" in cfg:  # absent in a no-seed example
+        cfg["datasets"] = [_local_preference_entry(e, assets) for e in cfg["datasets"] or []]
     selfee = cfg["selfee"]
     if selfee.get("prompts"):
         selfee["prompts"] = [_local_prompt_entry(e, assets) for e in selfee["prompts"]]
@@ -254,7 +255,7 @@ def test_example_data_entries_fit_their_types(path, local_assets, tmp_path, keep
     assert format_prompt(tokenizer, user) != tokenizer.apply_chat_template(user, tokenize=False), \
         "the chat template must render a generation prompt"
 
-    for i, entry in enumerate(cfg.datasets):
+    for i, entry in enumerate(cfg.datasets or []):
         rows = load_dataset_with_config(DictDefault(dict(entry)), use_auth_token=False)
         assert len(rows) == _sliced_rows(entry), f"datasets[{i}]: {entry['split']} not applied"
         transform = load_dpo(entry["type"], cfg, dataset_idx=i)
