@@ -6,6 +6,7 @@ Compares, on the same task, model and budget, over several seeds:
 Every SELFEE variant of a seed resumes from the same round 0 (copied), so they differ only in what they change.
 
     python benchmarks/quality.py --seeds 0 1 2 --out bench_output
+    python benchmarks/quality.py --task variable --seeds 0 1 2      # variable-length answers, own output dir
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 from selfee_demo.build import build_demo  # noqa: E402
-from selfee_demo.run import evaluate_run, train, write_config  # noqa: E402
+from selfee_demo.run import data_dir_for, evaluate_run, train, write_config  # noqa: E402
 
 VARIANTS = {
     "selfee": {},
@@ -32,7 +33,7 @@ VARIANTS = {
     "selfee_lambda": {"refine": {"extrapolation": 0.5}},
 }
 METRICS = ("gold_mean", "win_rate", "length_mean", "judge_gold_accuracy", "judge_eval_accuracy",
-           "longer_chosen_fraction")
+           "longer_chosen_fraction", "gold_prefers_longer_fraction")
 
 
 def run_seed(paths: dict, out: str, seed: int, overrides: dict) -> list[dict]:
@@ -76,8 +77,9 @@ def run_seed(paths: dict, out: str, seed: int, overrides: dict) -> list[dict]:
 
 def aggregate(rows: list[dict]) -> str:
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    header = "| method | seeds | gold score | win vs SFT | length | judge acc. (round's pairs) | judge acc. (held-out) | longer chosen |"
-    lines = [header, "|---|---|---|---|---|---|---|---|"]
+    header = ("| method | seeds | gold score | win vs SFT | length | judge acc. (round's pairs) "
+              "| judge acc. (held-out) | longer chosen | gold prefers longer |")
+    lines = [header, "|---|---|---|---|---|---|---|---|---|"]
     for method in methods:
         cells = [method, str(sum(r["method"] == method for r in rows))]
         for key in METRICS:
@@ -95,13 +97,15 @@ def aggregate(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--out", default="bench_output")
+    parser.add_argument("--task", choices=["fixed", "variable"], default="fixed",
+                        help="fixed: sort 5 numbers; variable: the even numbers of 7 (answers of 1-6 items)")
+    parser.add_argument("--out", default=None, help="default: bench_output (fixed), bench_output/quality_<task>")
     parser.add_argument("--learning-rate", type=float, default=None, help="override the demo's learning rate")
     args = parser.parse_args()
     os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    out = os.path.abspath(args.out)
-    paths = {k: os.path.abspath(v) for k, v in build_demo(os.path.join(out, "data"), seed=0).items()}
+    out = os.path.abspath(args.out or ("bench_output" if args.task == "fixed" else f"bench_output/quality_{args.task}"))
+    paths = {k: os.path.abspath(v) for k, v in build_demo(data_dir_for(out, args.task), seed=0, task=args.task).items()}
     overrides = {"learning_rate": args.learning_rate} if args.learning_rate else {}
     rows = []
     for seed in args.seeds:

@@ -8,6 +8,10 @@ rounds that lowered gold from rounds that did not (the best threshold on these r
 figure, reported as such).
 
     python benchmarks/round_signals.py --lrs 1e-4 5e-4 2e-3 --seeds 0 1 2 --out bench_output/signals
+    python benchmarks/round_signals.py --task variable --seeds 0     # variable-length answers (the length failure)
+
+Besides the signals it prints, per run, each policy's gold, answer length and judge accuracy on its own pairs, the
+share of unequal-length judged pairs whose chosen answer is longer, and how often the gold preferred the longer one.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 from selfee_demo.build import build_demo  # noqa: E402
-from selfee_demo.run import evaluate_run, train, write_config  # noqa: E402
+from selfee_demo.run import data_dir_for, evaluate_run, format_table, train, write_config  # noqa: E402
 
 SIGNALS = {  # key -> direction in which a harmful round is expected to move it
     "selfee/logps_drift_chosen": "low",
@@ -30,23 +34,31 @@ SIGNALS = {  # key -> direction in which a harmful round is expected to move it
     "selfee/judge_agreement_after": "low",
     "selfee/judge_accuracy_after": "low",
     "selfee/margin_mean": "high",
+    "selfee/longer_chosen_fraction": "high",
 }
+# Per-round numbers taken from the gold evaluation (`evaluate_run`), beside the signals.
+# (The judge's longer-chosen share is a gold-free signal above: the plugin's `selfee/longer_chosen_fraction`.)
+QUALITY = ("length_mean", "judge_gold_accuracy", "gold_prefers_longer_fraction")
 
 
-def run_one(paths: dict, out: str, lr: float, seed: int) -> list[dict]:
+def run_one(paths: dict, out: str, lr: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Train (unless already finished) and evaluate one run: `(rows of rounds 1-2, evaluate_run's rows)`."""
     run_dir = os.path.abspath(os.path.join(out, f"lr{lr:g}_seed{seed}"))
     summary_path = os.path.join(run_dir, "selfee", "summary.json")
     if not os.path.exists(summary_path) or len(json.load(open(summary_path))) < 3:
-        config = write_config(paths, run_dir, seed=seed, learning_rate=lr)
+        # The guard off: this measures what the unguarded loop does, the evidence the guard's rule comes from.
+        config = write_config(paths, run_dir, seed=seed, learning_rate=lr, selfee={"guard": {"enabled": False}})
         train(config, os.path.join(run_dir, "train.log"))
-    quality = {row["policy"]: row for row in evaluate_run(paths, run_dir, rounds=[0, 1, 2], seed=seed)}
+    evaluated = evaluate_run(paths, run_dir, rounds=[0, 1, 2], seed=seed)
+    quality = {row["policy"]: row for row in evaluated}
     summary = {row["selfee/round"]: row for row in json.load(open(summary_path))}
     rows = []
     for t in (1, 2):
         gold, before = quality[f"round {t}"]["gold_mean"], quality[f"round {t - 1}"]["gold_mean"]
         rows.append({"lr": lr, "seed": seed, "round": t, "gold": gold, "gold_change": gold - before,
+                     **{key: quality[f"round {t}"].get(key) for key in QUALITY},
                      **{key: summary[t].get(key) for key in SIGNALS}})
-    return rows
+    return rows, evaluated
 
 
 def separation(rows: list[dict], key: str, direction: str, noise: float) -> tuple[float, float, int]:
@@ -66,19 +78,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 5e-4, 2e-3])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--out", default="bench_output/signals")
+    parser.add_argument("--task", choices=["fixed", "variable"], default="fixed")
+    parser.add_argument("--out", default=None,
+                        help="default: bench_output/signals (fixed), bench_output/signals_<task>")
     parser.add_argument("--noise", type=float, default=0.02, help="gold change counted as noise (evaluation SE)")
     args = parser.parse_args()
     os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    paths = {k: os.path.abspath(v) for k, v in build_demo(os.path.join("demo_output", "data"), seed=0).items()}
-    rows = [row for lr in args.lrs for seed in args.seeds for row in run_one(paths, args.out, lr, seed)]
+    args.out = args.out or ("bench_output/signals" if args.task == "fixed" else f"bench_output/signals_{args.task}")
+    data_dir = data_dir_for("demo_output", args.task)
+    paths = {k: os.path.abspath(v) for k, v in build_demo(data_dir, seed=0, task=args.task).items()}
+    rows, tables = [], []
+    for lr in args.lrs:
+        for seed in args.seeds:
+            run_rows, evaluated = run_one(paths, args.out, lr, seed)
+            rows += run_rows
+            tables.append(f"lr {lr:g}, seed {seed}:\n\n{format_table(evaluated)}\n")
+    print("\n".join(tables))
 
     keys = list(SIGNALS)
-    print("| lr | seed | round | gold | gold change | " + " | ".join(k.split("/")[1] for k in keys) + " |")
-    print("|" + "---|" * (5 + len(keys)))
+    print("| lr | seed | round | gold | gold change | " + " | ".join(k.split("/")[-1] for k in QUALITY + tuple(keys))
+          + " |")
+    print("|" + "---|" * (5 + len(QUALITY) + len(keys)))
     for row in rows:
-        cells = [f"{row[k]:.3f}" if isinstance(row.get(k), float) else "-" for k in keys]
+        cells = [f"{row[k]:.3f}" if isinstance(row.get(k), float) else "-" for k in QUALITY + tuple(keys)]
         print(f"| {row['lr']:g} | {row['seed']} | {row['round']} | {row['gold']:.3f} | {row['gold_change']:+.3f} | "
               + " | ".join(cells) + " |")
     print(f"\nrounds that lowered gold by more than {args.noise}: "

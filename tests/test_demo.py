@@ -9,9 +9,20 @@ import statistics
 
 import pytest
 
-from selfee_demo.task import count_inversions, gold_score, make_demonstration, noisy_sort, parse_prompt
+from selfee_demo.task import (
+    count_inversions,
+    gold_label,
+    gold_score,
+    make_demonstration,
+    noisy_evens,
+    noisy_sort,
+    parse_prompt,
+    sample_prompts,
+    target_answer,
+)
 
 PROMPT = "sort 7 3 9 1 4"
+EVENS = "evens 7 3 19 0 12 8 5"  # right answer: 0 12 8
 # Small enough that the build (train, sample, write) takes seconds; the defaults are for the real demo.
 SMALL = dict(
     num_pool=48, num_seed_pairs=12, num_eval=16, num_eval_pairs=12, num_references=2, train_steps=150, batch_size=64
@@ -77,6 +88,62 @@ def test_gold_is_one_exactly_for_the_sorted_input_on_random_answers():
         perfect += is_sorted_input
         assert (gold_score(PROMPT, " ".join(answer)) == 1.0) == is_sorted_input, answer
     assert 0 < perfect < 1000
+
+
+@pytest.mark.parametrize(
+    "answer, gold",
+    [
+        ("0 12 8", 1.0),  # the evens in the order given
+        ("0 12", 2 / 3),  # missing 8: 2 of 3 right items
+        ("0 12 8 5", 3 / 4),  # an extra (odd) item: 3 right of 4 in the union
+        ("0 12 8 8", 3 / 4),  # a repeated item is extra too
+        ("0 12 8 16", 3 / 4),  # so is an invented one
+        ("0 12 8 sort", 3 / 4),  # and a non-number word
+        ("0 12 7", 2 / 4),  # missing and extra at once
+        ("12 0 8", 2 / 3),  # one of 3 pairs out of the prompt's order
+        ("8 12 0", 0.0),  # reversed
+        ("3 7", 0.0),  # nothing right
+        ("", 0.0),
+    ],
+)
+def test_evens_gold_punishes_missing_and_extra_items(answer, gold):
+    """Gold = Jaccard overlap with the right items x order among them: longer or shorter than right scores lower."""
+    assert target_answer(EVENS) == [0, 12, 8]
+    assert gold_score(EVENS, answer) == pytest.approx(gold)
+
+
+def test_evens_gold_falls_with_every_extra_item():
+    """Appending the prompt's odd numbers one by one to the right answer lowers gold each time: longer is worse."""
+    answer = ["0", "12", "8"]
+    scores = [gold_score(EVENS, " ".join(answer))]
+    for odd in ["7", "3", "19", "5"]:
+        answer.append(odd)
+        scores.append(gold_score(EVENS, " ".join(answer)))
+    assert scores == sorted(scores, reverse=True) and len(set(scores)) == len(scores)
+
+
+def test_gold_label_compares_gold_scores_from_the_chat_prompt():
+    """`messages` is the chat list (as in the judged pairs); responses may be text or messages; equal gold ties."""
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": EVENS}]
+    assert gold_label(messages, "0 12 8", "0 12 8 5") == "chosen"
+    assert gold_label(messages, {"role": "assistant", "content": "0 12 8 5"}, {"content": "0 12 8"}) == "rejected"
+    assert gold_label(messages, "0 12 8 5", "0 12 8 7") == "tie"
+    assert gold_label([{"role": "user", "content": PROMPT}], "1 3 4 7 9", "3 1 4 7 9") == "chosen"
+    assert gold_label(PROMPT, "3 1 4 7 9", "3 1 4 7 9") == "tie"
+
+
+def test_evens_prompts_and_demonstrations_vary_in_length_both_ways():
+    """Prompts always hold an even (no empty right answer); noisy answers are never empty, and are longer and
+    shorter than right about equally often, so the SFT data itself has no length preference."""
+    rng = random.Random(0)
+    prompts = sample_prompts(rng, 300, prefix="evens", num_items=7)
+    assert all(prompt.split()[0] == "evens" and len(parse_prompt(prompt)) == 7 for prompt in prompts)
+    assert all(target_answer(prompt) for prompt in prompts)
+    diffs = [len(noisy_evens(parse_prompt(p), 1.0, rng)) - len(target_answer(p)) for p in prompts]
+    longer, shorter = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+    assert longer > 50 and shorter > 50 and abs(longer - shorter) < 0.3 * (longer + shorter)
+    assert noisy_evens(parse_prompt(EVENS), 0.0, rng) == [0, 12, 8]
+    assert make_demonstration(EVENS, rng, 0.5, 1.0)["messages"][1]["content"]
 
 
 def test_gold_rejects_non_demo_prompts():
@@ -160,6 +227,26 @@ def test_build_is_cached_by_its_stamp(demo_dir):
         build_demo(demo_dir, num_pol=3)
 
 
+def test_variable_build_has_its_own_task_and_stamp(tmp_path_factory):
+    """The variable mode builds `evens` prompts and gold-labelled pairs; its SFT answers vary in length."""
+    from selfee_demo.build import _defaults, _is_built, build_demo
+    from selfee_demo.evaluate import evaluate_policy, load_eval_set, load_policy
+
+    out = str(tmp_path_factory.mktemp("demo_variable"))
+    paths = build_demo(out, seed=0, task="variable", **SMALL)
+    assert _is_built(out, _defaults("variable", seed=0, **SMALL))
+    assert not _is_built(out, _defaults("fixed", seed=0, **SMALL))
+    seed, pool = _rows(paths["seed"]), _rows(paths["prompts"])
+    assert len(seed) == SMALL["num_seed_pairs"]
+    for row in seed:
+        _assert_pair_shape(row)
+    assert all(r["prompt"].split()[0] == "evens" and len(parse_prompt(r["prompt"])) == 7 for r in pool)
+    model, tokenizer = load_policy(paths["sft_model"])
+    prompts, references = load_eval_set(paths["eval_prompts"])
+    metrics = evaluate_policy(model, tokenizer, prompts, references, n_samples=4, seed=1)
+    assert metrics["length_std"] > 0.3 and 0.0 < metrics["gold_mean"] < 1.0
+
+
 def test_sft_model_samples_vary_in_quality(demo_dir):
     """Measured on the model the build trained: its samples must disagree in gold, or pairs carry no label."""
     from selfee_demo.evaluate import evaluate_policy, load_eval_set, load_policy, win_rate
@@ -194,6 +281,24 @@ def test_sft_labels_cover_answer_and_eos_only(demo_dir):
 
 
 # --- evaluation helpers -----------------------------------------------------------------------------------------
+
+
+def test_score_pairs_accuracy_reports_the_gold_view_of_unequal_length_pairs():
+    """Four unequal-length pairs, all longer-chosen; of the three the gold labels (one is a gold tie) it prefers the
+    longer in one: the judge's accuracy on them is that same third."""
+    from selfee_demo.evaluate import score_pairs_accuracy
+
+    pairs = [
+        {"prompt": EVENS, "chosen": "0 12 8 5", "rejected": "0 12 8"},  # gold prefers the shorter
+        {"prompt": EVENS, "chosen": "0 12 8", "rejected": "0 12"},  # gold prefers the longer
+        {"prompt": EVENS, "chosen": "0 12 8 5", "rejected": "0 12 8 7"},  # equal length: not counted
+        {"prompt": EVENS, "chosen": "0 12 8 5 7", "rejected": "12 0 8"},  # gold 3/5 vs 2/3: prefers the shorter
+        {"prompt": EVENS, "chosen": "0 12 8 5 7 3", "rejected": "0 12 7"},  # gold 3/6 vs 2/4: a tie
+    ]
+    result = score_pairs_accuracy(pairs)
+    assert result["num_unequal_length"] == 4 and result["longer_chosen_fraction"] == 1.0
+    assert result["gold_prefers_longer_fraction"] == pytest.approx(1 / 3)
+    assert result["unequal_length_accuracy"] == pytest.approx(1 / 3)
 
 
 def test_score_pairs_accuracy_counts_agreement_ties_and_length_bias():
@@ -248,3 +353,14 @@ def test_the_demo_config_passes_axolotl_validation(tiny_model_dir, tiny_data_dir
     monkeypatch.setattr(PluginManager, "_instance", None)
     cfg = load_cfg(write_config(paths, str(tmp_path / "run")))
     assert cfg.selfee["judge"]["batch_tokens"] > 0 and cfg.selfee["rounds"]
+
+
+def test_variable_mode_has_its_own_data_dir_and_length_columns():
+    """The fixed build stays where it was (`data`); the report shows the gold's view of unequal-length pairs."""
+    from selfee_demo.run import data_dir_for, format_table
+
+    assert data_dir_for("out", "fixed") == os.path.join("out", "data")
+    assert data_dir_for("out", "variable") == os.path.join("out", "data_variable")
+    table = format_table([{"policy": "round 1", "gold_mean": 0.5, "length_mean": 4.25, "num_unequal_length": 12,
+                           "longer_chosen_fraction": 0.9, "gold_prefers_longer_fraction": 0.25}])
+    assert "gold prefers longer" in table and "| 12 | 0.90 | 0.25 |" in table

@@ -1,4 +1,4 @@
-"""Build the demo: a tokenizer, a tiny SFT Llama trained from scratch on noisy sorts, and the data files."""
+"""Build the demo: a tokenizer, a tiny SFT Llama trained from scratch on noisy answers, and the data files."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .evaluate import MAX_NEW_TOKENS, TEMPERATURE, quality_stats, sample_responses
-from .task import NUM_ITEMS, NUM_VALUES, gold_score, make_demonstration, sample_prompts, vocabulary
+from .task import EVENS_ITEMS, NUM_ITEMS, NUM_VALUES, TASKS, gold_score, make_demonstration, sample_prompts, vocabulary
 from .tiny import build_tiny_llama, build_tokenizer
 
 LOG = logging.getLogger(__name__)
@@ -60,8 +60,12 @@ def _one_thread():
         torch.set_num_threads(threads)
 
 
-def _defaults(**overrides) -> dict:
+def _defaults(task: str = "fixed", **overrides) -> dict:
+    """Build parameters for `task` (`fixed`: sort 5 numbers; `variable`: the evens of 7), updated by `overrides`."""
+    if task not in TASKS:
+        raise ValueError(f"unknown demo task {task!r}; known: {sorted(TASKS)}")
     params = {
+        "task": task,
         "seed": 0,
         "num_pool": 2000,
         "num_seed_pairs": 96,
@@ -75,7 +79,7 @@ def _defaults(**overrides) -> dict:
         "max_noise": 1.0,
         "temperature": TEMPERATURE,
         "max_new_tokens": MAX_NEW_TOKENS,
-        "num_items": NUM_ITEMS,
+        "num_items": NUM_ITEMS if task == "fixed" else EVENS_ITEMS,
         "num_values": NUM_VALUES,
         "model": MODEL_KWARGS,
     }
@@ -84,6 +88,11 @@ def _defaults(**overrides) -> dict:
         raise ValueError(f"unknown build_demo parameter(s) {sorted(unknown)}; known: {sorted(params)}")
     params.update(overrides)
     return params
+
+
+def _task_kwargs(params: dict) -> dict:
+    """`sample_prompts` arguments for the build's task."""
+    return {"prefix": TASKS[params["task"]], "num_items": params["num_items"], "num_values": params["num_values"]}
 
 
 def _encode_demonstrations(tokenizer, conversations: list[list[dict]]):
@@ -119,7 +128,7 @@ def train_sft(model, tokenizer, params: dict, exclude: set[str]) -> list[float]:
         optimizer, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / (steps - warmup)))
     )
     noise = (params["min_noise"], params["max_noise"])
-    task_kwargs = {"num_items": params["num_items"], "num_values": params["num_values"]}
+    task_kwargs = _task_kwargs(params)
     model.train()
     losses = []
     progress = tqdm(range(steps), desc="training SFT model", leave=False)
@@ -214,10 +223,12 @@ def _is_built(out_dir: str, params: dict) -> bool:
         return False
     with open(path) as f:
         stamp = json.load(f)
+    # builds from before the variable mode stamped no task: they are fixed-mode builds, still valid
+    stamp.get("params", {}).setdefault("task", "fixed")
     return {k: stamp.get(k) for k in ("version", "params")} == _stamp(params)
 
 
-def build_demo(out_dir: str, seed: int = 0, force: bool = False, **overrides) -> dict[str, str]:
+def build_demo(out_dir: str, seed: int = 0, force: bool = False, task: str = "fixed", **overrides) -> dict[str, str]:
     """Build (or reuse) the demo task: tokenizer, SFT model, seed pairs, prompt pool and evaluation data.
 
     Reuses `out_dir` when its stamp file matches this version and these parameters, so calling this from a
@@ -228,6 +239,8 @@ def build_demo(out_dir: str, seed: int = 0, force: bool = False, **overrides) ->
         out_dir: directory for everything the demo needs.
         seed: seeds prompts, model initialisation, SFT training and sampling.
         force: rebuild even when the stamp matches.
+        task: `fixed` (sort 5 numbers: every right answer has 5 items) or `variable` (the even numbers of 7, in
+            the order given: right answers have 1-6 items); see `selfee_demo.task`.
         **overrides: size and training knobs (see `_defaults`): `num_pool`, `num_seed_pairs`, `num_eval`,
             `num_eval_pairs`, `num_references`, `train_steps`, `batch_size`, `learning_rate`, `min_noise`,
             `max_noise`, `temperature`, `max_new_tokens`, `num_items`, `num_values`, `model`.
@@ -238,7 +251,7 @@ def build_demo(out_dir: str, seed: int = 0, force: bool = False, **overrides) ->
         (`{"prompt", "references"}`: held-out prompts and SFT samples for the win rate), `eval_pairs` (held-out
         gold-labelled pairs, seed shape), `gold_pairs` (gold labels for the pool's SFT pairs), `stamp`.
     """
-    params = _defaults(seed=seed, **overrides)
+    params = _defaults(task, seed=seed, **overrides)
     paths = {name: os.path.join(out_dir, f) for name, f in FILES.items()}
     paths["stamp"] = os.path.join(out_dir, STAMP_FILE)
     if not force and _is_built(out_dir, params):
@@ -256,7 +269,7 @@ def _build(params: dict, paths: dict[str, str]) -> None:
     os.makedirs(out_dir, exist_ok=True)
     if os.path.exists(paths["stamp"]):
         os.remove(paths["stamp"])
-    task_kwargs = {"num_items": params["num_items"], "num_values": params["num_values"]}
+    task_kwargs = _task_kwargs(params)
 
     # Every held-out split is drawn before training and excluded from the demonstrations, and the splits are
     # mutually disjoint: the pool, seed and evaluation prompts are all unseen by the SFT model.
@@ -269,7 +282,7 @@ def _build(params: dict, paths: dict[str, str]) -> None:
     eval_pair_candidates = sample_prompts(rng, 4 * params["num_eval_pairs"], taken, **task_kwargs)
 
     LOG.info(f"building the demo in {out_dir}: {params}")
-    tokenizer = build_tokenizer([" ".join(vocabulary(params["num_values"]))])
+    tokenizer = build_tokenizer([" ".join(vocabulary(params["num_values"], TASKS[params["task"]]))])
     t0 = time.time()
     with torch.random.fork_rng(devices=[]):  # initialisation and training seed torch; the caller's RNG stays as it was
         model = build_tiny_llama(tokenizer, seed=params["seed"], **params["model"])
@@ -325,17 +338,18 @@ def read_build_stats(out_dir: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`PYTHONPATH=examples python -m selfee_demo.build OUT_DIR [--seed N] [--force]`: build, print the paths."""
+    """`PYTHONPATH=examples python -m selfee_demo.build OUT_DIR [--seed N] [--task fixed|variable] [--force]`."""
     import argparse
     import logging
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("out_dir")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--task", choices=sorted(TASKS), default="fixed")
     parser.add_argument("--force", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    paths = build_demo(args.out_dir, seed=args.seed, force=args.force)
+    paths = build_demo(args.out_dir, seed=args.seed, force=args.force, task=args.task)
     print(json.dumps({"paths": paths, "stats": read_build_stats(args.out_dir)}, indent=2))
 
 

@@ -11,15 +11,15 @@ from typing import Iterable, Sequence
 from selfee_plugin.args import GenerationConfig
 from selfee_plugin.generation import generate_responses
 
-from .task import gold_score, parse_prompt
+from .task import gold_score, target_answer
 
 LOG = logging.getLogger(__name__)
 
 # SPA section 4.1 samples at temperature 0.7, top_p 1.0: evaluating with the same settings measures the policy that
 # SELFEE's generator actually sees.
 TEMPERATURE = 0.7
-# A correct answer is NUM_ITEMS words + EOS; the slack lets an over-long answer show up in the length metrics
-# instead of being cut to a "correct" length.
+# A correct answer is NUM_ITEMS words + EOS (fixed mode; at most 6 words in the variable mode); the slack lets an
+# over-long answer show up in the length metrics instead of being cut to a "correct" length.
 MAX_NEW_TOKENS = 16
 
 
@@ -103,7 +103,7 @@ def evaluate_policy(
     Args:
         model: the policy (a causal LM).
         tokenizer: its tokenizer with the chat template.
-        prompts: evaluation prompts (`sort ...`).
+        prompts: evaluation prompts (`sort ...` or `evens ...`).
         references: per prompt, reference responses to compare against (the demo build stores SFT samples in
             `eval_prompts.jsonl`); None skips the win rate.
         n_samples: samples per prompt.
@@ -116,7 +116,7 @@ def evaluate_policy(
     Returns:
         A dict: `gold_mean`, `gold_std`, `perfect_fraction` (gold == 1), `win_rate` (vs references;
         only with references), `length_mean`, `length_std` (answer tokens, EOS excluded), `wrong_length_fraction`
-        (answers whose word count differs from the prompt's number count), `eos_fraction` (answers that
+        (answers whose word count differs from the right answer's), `eos_fraction` (answers that
         stopped), `distinct_fraction` (distinct responses per prompt / n_samples, averaged), `num_samples`;
         plus `samples`: one dict per response with `prompt`, `response`, `gold`, `length`, `eos`.
     """
@@ -136,7 +136,7 @@ def evaluate_policy(
     metrics = {
         **quality_stats([s["gold"] for s in samples], [s["length"] for s in samples]),
         "wrong_length_fraction": statistics.fmean(
-            len(s["response"].split()) != len(parse_prompt(s["prompt"])) for s in samples
+            len(s["response"].split()) != len(target_answer(s["prompt"])) for s in samples
         ),
         "eos_fraction": statistics.fmean(s["eos"] for s in samples),
         "distinct_fraction": statistics.fmean(distinct),
@@ -170,11 +170,15 @@ def score_pairs_accuracy(pairs: Iterable[dict]) -> dict:
 
     Returns:
         `accuracy`: fraction of pairs where gold(chosen) > gold(rejected), over pairs whose gold differs (NaN if
-        none); `num_pairs`, `num_gold_ties` (left out of the accuracy); `unequal_length_fraction`: pairs whose
-        answers differ in word count; `longer_chosen_fraction`: among those, the fraction where the judge chose
-        the longer answer (NaN if none) — near 1 while gold disagrees is the length-bias failure.
+        none); `num_pairs`, `num_gold_ties` (left out of the accuracy); `num_unequal_length`,
+        `unequal_length_fraction`: pairs whose answers differ in word count; `longer_chosen_fraction`: among
+        those, the fraction where the judge chose the longer answer; `gold_prefers_longer_fraction`: among those
+        whose gold differs, the fraction where the longer answer has the higher gold;
+        `unequal_length_accuracy`: the judge's accuracy on those (NaN where a share has no pairs). A longer-chosen
+        share near 1 while gold prefers the longer far less often is the length-bias failure.
     """
     agree = ties = unequal = longer = total = 0
+    unequal_labelled = gold_longer = unequal_agree = 0
     for row in pairs:
         prompt, chosen, rejected = pair_texts(row)
         total += 1
@@ -187,13 +191,21 @@ def score_pairs_accuracy(pairs: Iterable[dict]) -> dict:
         if len_chosen != len_rejected:
             unequal += 1
             longer += len_chosen > len_rejected
+            if gold_chosen != gold_rejected:
+                unequal_labelled += 1
+                unequal_agree += gold_chosen > gold_rejected
+                # the gold prefers the longer answer when it scores the chosen higher exactly if the chosen is longer
+                gold_longer += (gold_chosen > gold_rejected) == (len_chosen > len_rejected)
     nan = float("nan")
     return {
         "accuracy": agree / (total - ties) if total > ties else nan,
         "num_pairs": total,
         "num_gold_ties": ties,
+        "num_unequal_length": unequal,
         "unequal_length_fraction": unequal / total if total else nan,
         "longer_chosen_fraction": longer / unequal if unequal else nan,
+        "gold_prefers_longer_fraction": gold_longer / unequal_labelled if unequal_labelled else nan,
+        "unequal_length_accuracy": unequal_agree / unequal_labelled if unequal_labelled else nan,
     }
 
 

@@ -49,6 +49,11 @@ SELFEE_BLOCK = {
 }
 
 
+def data_dir_for(out: str, task: str) -> str:
+    """Where a task's build is cached under `out`: `data` (fixed, as before the variable mode) or `data_<task>`."""
+    return os.path.join(out, "data" if task == "fixed" else f"data_{task}")
+
+
 def write_config(paths: dict, out_dir: str, seed: int = 0, selfee: dict | None = None, **overrides) -> str:
     """An Axolotl YAML for the demo: the built SFT model, its seed pairs, prompt pool and eval pairs."""
     block = json.loads(json.dumps(SELFEE_BLOCK))
@@ -117,7 +122,9 @@ def evaluate_run(paths: dict, out_dir: str, rounds: list[int], seed: int = 0) ->
                 ]
                 gold = score_pairs_accuracy(judged)
                 row["judge_gold_accuracy"] = gold["accuracy"]
-                row["longer_chosen_fraction"] = gold["longer_chosen_fraction"]
+                for key in ("num_unequal_length", "longer_chosen_fraction", "gold_prefers_longer_fraction",
+                            "unequal_length_accuracy"):
+                    row[key] = gold[key]
                 row["pairs"] = len(judged)
             row["judge_eval_accuracy"] = metrics.get("selfee/judge_accuracy", math.nan)
         rows.append(row)
@@ -130,7 +137,9 @@ def format_table(rows: list[dict]) -> str:
             ("length_mean", "length", "{:.2f}"), ("pairs", "judged pairs", "{}"),
             ("judge_gold_accuracy", "judge acc. (round's pairs)", "{:.3f}"),
             ("judge_eval_accuracy", "judge acc. (held-out)", "{:.3f}"),
-            ("longer_chosen_fraction", "longer chosen", "{:.2f}")]
+            ("num_unequal_length", "unequal-length pairs", "{}"),
+            ("longer_chosen_fraction", "longer chosen", "{:.2f}"),
+            ("gold_prefers_longer_fraction", "gold prefers longer", "{:.2f}")]
     lines = ["| " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * len(cols)]
     for row in rows:
         cells = []
@@ -146,19 +155,22 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Run SELFEE on the built-in demo task and report each round.")
     parser.add_argument("--out", default="demo_output", help="where the demo data, run and report go")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--task", choices=["fixed", "variable"], default="fixed",
+                        help="fixed: sort 5 numbers; variable: the even numbers of 7 (answers of 1-6 items)")
     args = parser.parse_args(argv)
     os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from .build import build_demo, read_build_stats
 
     start = time.time()
-    data_dir = os.path.join(args.out, "data")
+    data_dir = data_dir_for(args.out, args.task)
     print(f"[1/3] building the demo task in {data_dir} (cached after the first build)", flush=True)
-    paths = build_demo(data_dir, seed=args.seed)
+    paths = build_demo(data_dir, seed=args.seed, task=args.task)
     stats = read_build_stats(data_dir)
     print(f"      SFT model: gold {stats['sft_gold_mean']:.3f} +- {stats['sft_gold_std']:.3f}, "
           f"{stats['num_seed_pairs']} seed pairs, {stats['num_gold_pairs']} pool pairs", flush=True)
-    run_dir = os.path.abspath(os.path.join(args.out, f"run_seed{args.seed}"))
+    run_name = f"run_seed{args.seed}" if args.task == "fixed" else f"run_{args.task}_seed{args.seed}"
+    run_dir = os.path.abspath(os.path.join(args.out, run_name))
     config = write_config({k: os.path.abspath(v) for k, v in paths.items()}, run_dir, seed=args.seed)
     print(f"[2/3] axolotl train {config} (log: {run_dir}/train.log)", flush=True)
     train(config, os.path.join(run_dir, "train.log"))
