@@ -172,10 +172,10 @@ class GuardConfig(_Block):
         "nats per token during the round (`selfee/logps_drift_chosen_per_token` below it).",
     )
     max_length_growth: float = Field(
-        default=0.1, ge=0.0,
+        default=0.25, ge=0.0,
         description="Fire when answers sampled after the round (`probe_prompts` of its prompts) are longer than the "
         "round's own samples of the same prompts by more than this share, while the judge chose the longer answer "
-        "in most unequal-length pairs.",
+        "in most (of >= 10) unequal-length pairs.",
     )
     min_on_policy_accuracy: float = Field(
         default=0.5, ge=0.0, le=1.0,
@@ -186,8 +186,8 @@ class GuardConfig(_Block):
     )
     lr_scale: float = Field(
         default=0.5, gt=0.0, lt=1.0,
-        description="The retry's learning rate, as a share of the round's; length-biased rounds retry with "
-        "length-balanced pairs at the round's rate instead.",
+        description="The retry's learning rate, as a share of the round's; when the judge leaned to longer answers the "
+        "retry also trains on length-balanced pairs.",
     )
 
 

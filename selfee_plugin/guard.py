@@ -5,11 +5,12 @@ The rule (`selfee.guard`, chosen from the sweep in `benchmarks/README.md` "Round
       `min_chosen_drift`): DPO pushing every answer down, likelihood displacement, preceded every round that lowered
       gold on the demo, while every round that raised it moved them up;
     - answers sampled after the round grew by more than `max_length_growth` while the judge had chosen the longer
-      answer in most unequal-length pairs: the length bias of SPEC section 3 feeding itself;
+      answer in most (of >= 10) unequal-length pairs: the length bias of SPEC section 3 feeding itself (on the
+      variable-length demo, harmful rounds grew answers 137-215%, a neutral one 7-12%, helpful ones <= 1.4%);
     - the judge agreed with `selfee.labels` on fewer than `min_on_policy_accuracy` of this round's labelled pairs.
 A fired round is restored to pi_{t-1} (the rejected policy is kept under `round_<t>/rejected/attempt_<k>/`) and
-retried once on the same judged pairs: with length-balanced pairs when the judge was length-biased, else at
-`lr_scale` x the learning rate. If the retry fires too, the loop stops; the final model is the last good round's.
+retried once on the same judged pairs at `lr_scale` x the learning rate, with length-balanced pairs too when the
+judge leaned to longer answers. If the retry fires too, the loop stops; the final model is the last good round's.
 """
 
 from __future__ import annotations
@@ -27,21 +28,21 @@ class Attempt:
     length_balanced: bool = False
 
     def describe(self) -> str:
-        if self.length_balanced:
-            return "length-balanced pairs"
-        return "the round's settings" if self.lr_scale == 1.0 else f"learning rate x{self.lr_scale:g}"
+        parts = (["length-balanced pairs"] if self.length_balanced else []) + (
+            [f"learning rate x{self.lr_scale:g}"] if self.lr_scale != 1.0 else [])
+        return " and ".join(parts) or "the round's settings"
 
 
-def length_biased(metrics: dict, warning: float) -> bool:
-    """The judge chose the longer answer in more than `judge.length_bias_warning` of enough unequal-length pairs."""
+def leans_longer(metrics: dict) -> bool:
+    """The judge chose the longer answer in most of enough unequal-length pairs."""
     return (metrics.get("selfee/unequal_length_pairs", 0) >= MIN_UNEQUAL_PAIRS
-            and metrics.get("selfee/longer_chosen_fraction", 0.0) > warning)
+            and metrics.get("selfee/longer_chosen_fraction", 0.0) > 0.5)
 
 
 def retry_attempt(metrics: dict, selfee) -> Attempt:
-    if length_biased(metrics, selfee.judge.length_bias_warning):
-        return Attempt(2, length_balanced=True)
-    return Attempt(2, lr_scale=selfee.guard.lr_scale)
+    """The retry: a smaller step (every harmful round measured had its chosen log-probs fall, the step-size failure),
+    and, when the judge leaned to longer answers, length-balanced pairs too (the length failure)."""
+    return Attempt(2, lr_scale=selfee.guard.lr_scale, length_balanced=leans_longer(metrics))
 
 
 def balance_lengths(rows: list[dict]) -> list[dict]:
@@ -75,8 +76,7 @@ def verdict(signals: dict, round_metrics: dict, guard) -> list[str]:
             f"(guard.min_chosen_drift {guard.min_chosen_drift:g})"
         )
     growth = signals.get("selfee/length_growth")
-    if (growth is not None and growth > guard.max_length_growth
-            and round_metrics.get("selfee/longer_chosen_fraction", 0.0) > 0.5):
+    if growth is not None and growth > guard.max_length_growth and leans_longer(round_metrics):
         reasons.append(
             f"answers grew {growth:+.0%} after the round while the judge chose the longer answer in "
             f"{round_metrics['selfee/longer_chosen_fraction']:.0%} of unequal-length pairs "

@@ -24,21 +24,25 @@ def test_verdict_names_each_rule_that_fires():
     fell = verdict({"selfee/logps_drift_chosen_per_token": -0.05}, {}, guard)
     assert len(fell) == 1 and "fell by 0.050 nats/token" in fell[0] and "guard.min_chosen_drift" in fell[0]
     # Growth alone is not harm; growth while the judge preferred longer answers is.
-    grew = {"selfee/logps_drift_chosen_per_token": 0.01, "selfee/length_growth": 0.25}
-    assert verdict(grew, {"selfee/longer_chosen_fraction": 0.4}, guard) == []
-    reasons = verdict(grew, {"selfee/longer_chosen_fraction": 0.9}, guard)
-    assert len(reasons) == 1 and "+25%" in reasons[0] and "90%" in reasons[0]
+    grew = {"selfee/logps_drift_chosen_per_token": 0.01, "selfee/length_growth": 0.3}
+    assert verdict(grew, {"selfee/unequal_length_pairs": 20, "selfee/longer_chosen_fraction": 0.4}, guard) == []
+    assert verdict(grew, {"selfee/unequal_length_pairs": 5, "selfee/longer_chosen_fraction": 0.9}, guard) == []
+    reasons = verdict(grew, {"selfee/unequal_length_pairs": 20, "selfee/longer_chosen_fraction": 0.9}, guard)
+    assert len(reasons) == 1 and "+30%" in reasons[0] and "90%" in reasons[0]
+    assert verdict({**grew, "selfee/length_growth": 0.2}, {"selfee/unequal_length_pairs": 20,
+                                                          "selfee/longer_chosen_fraction": 0.9}, guard) == []
     labels = verdict({"selfee/judge_accuracy_on_policy": 0.3}, {}, guard)
     assert len(labels) == 1 and "30%" in labels[0]
 
 
-def test_retry_balances_lengths_for_a_length_biased_judge_else_scales_the_learning_rate():
+def test_retry_halves_the_step_and_balances_lengths_when_the_judge_leaned_longer():
     selfee = SelfeeConfig(rounds=0, guard={"lr_scale": 0.25})
-    biased = {"selfee/unequal_length_pairs": 40, "selfee/longer_chosen_fraction": 0.95}
-    assert retry_attempt(biased, selfee) == Attempt(2, length_balanced=True)
+    leaning = {"selfee/unequal_length_pairs": 40, "selfee/longer_chosen_fraction": 0.6}
+    assert retry_attempt(leaning, selfee) == Attempt(2, lr_scale=0.25, length_balanced=True)
     few = {"selfee/unequal_length_pairs": 3, "selfee/longer_chosen_fraction": 1.0}
     assert retry_attempt(few, selfee) == Attempt(2, lr_scale=0.25)
     assert Attempt(2, lr_scale=0.25).describe() == "learning rate x0.25"
+    assert Attempt(2, 0.5, True).describe() == "length-balanced pairs and learning rate x0.5"
 
 
 def test_balance_lengths_keeps_equal_pairs_and_as_many_shorter_as_longer_chosen():
