@@ -379,35 +379,55 @@ class RoundRunner:
 
     def length_probe(self, round_idx: int, rows: list[dict]) -> dict:
         """Answers sampled from pi_t for the round's first `guard.probe_prompts` prompts, against the round's own
-        samples of them (from pi_{t-1}, same settings): does the round make answers longer or cut them off?"""
+        samples of them (from pi_{t-1}, same settings): does the round make answers longer or cut them off? The same
+        samples, scored under pi_t, pi_{t-1} and pi_init, estimate KL(pi_t || pi_{t-1}) and KL(pi_t || pi_init)."""
+        from .formatting import format_completion, tokenize_completion
         from .generation import make_sampler
+        from .judge import score_sequences
+        from .references import dpo_reference
 
-        selfee, tokenizer = self.selfee, self.trainer.processing_class
+        selfee, trainer = self.selfee, self.trainer
+        tokenizer, model = trainer.processing_class, trainer.accelerator.unwrap_model(self.model)
         probe = [row for row in rows if row.get("responses")][: selfee.guard.probe_prompts]
         if not probe:
             return {}
         mine = distributed.shard(probe, distributed.rank(), distributed.world_size())
-        gens = make_sampler(self.trainer.accelerator.unwrap_model(self.model), tokenizer, selfee.generation).generate(
+        gens = make_sampler(model, tokenizer, selfee.generation).generate(
             [row["messages"] for row in mine], selfee.samples_per_prompt, selfee.generation.seed + round_idx
         )
 
         def tokens(texts):
             return [len(tokenizer(t, add_special_tokens=False).input_ids) for t in texts]
 
-        before, after, cut = [], [], []
-        for row, responses, finished in zip(mine, gens.responses, gens.finished):
+        before, after, cut, sequences = [], [], [], []
+        for row, prompt, responses, finished in zip(mine, gens.prompts, gens.responses, gens.finished):
             if responses is not None:
                 before, after, cut = before + tokens(row["responses"]), after + tokens(responses), cut + finished
-        before, after, cut = (sum(part, []) for part in zip(*distributed.gather((before, after, cut))))
+                sequences += [tokenize_completion(tokenizer, prompt, format_completion(tokenizer, t)) for t in responses]
+        kl_init, kl_prev = [], []
+        if sequences:
+            budget, max_length = selfee.judge.batch_tokens, trainer.args.max_length
+            now, init, _, _ = score_sequences(model, tokenizer, sequences, self.judge_reference, budget, max_length)
+            kl_init = (now - init).tolist()
+            if selfee.dpo_reference == "previous":  # the DPO reference (`ref` snapshot or frozen copy) is pi_{t-1}
+                _, prev, _, _ = score_sequences(model, tokenizer, sequences, dpo_reference(trainer), budget, max_length)
+                kl_prev = (now - prev).tolist()
+        parts = distributed.gather((before, after, cut, kl_init, kl_prev))
+        before, after, cut, kl_init, kl_prev = (sum(part, []) for part in zip(*parts))
         if not before:
             return {}
         mean_before, mean_after = sum(before) / len(before), sum(after) / len(after)
-        return {
+        signals = {
             "selfee/probe_length_before": mean_before,
             "selfee/probe_length_after": mean_after,
             "selfee/length_growth": mean_after / mean_before - 1 if mean_before else 0.0,
             "selfee/probe_truncated_after": sum(not f for f in cut) / len(cut),
         }
+        if kl_init:
+            signals["selfee/kl_initial_probe"] = sum(kl_init) / len(kl_init)
+        if kl_prev:
+            signals["selfee/kl_previous_probe"] = sum(kl_prev) / len(kl_prev)
+        return signals
 
     def judge_accuracy(self) -> dict:
         if not self.selfee.judge.eval_pairs:

@@ -144,6 +144,7 @@ def test_a_firing_guard_retries_then_stops_at_the_last_good_round(tiny_model_dir
     second = json.loads((root / "round_1" / "rejected" / "attempt_2" / "metrics.json").read_text())
     assert second["selfee/learning_rate"] == pytest.approx(first["selfee/learning_rate"] / 2)
     assert "selfee/length_growth" in first and "nats/token" in first["selfee/guard_reasons"][0]
+    assert {"selfee/kl_initial_probe", "selfee/kl_previous_probe", "selfee/probe_truncated_after"} <= first.keys()
     assert not (root / "round_1" / "adapter").exists() and not (root / "round_2").exists()
     summary = json.loads((root / "summary.json").read_text())
     assert [(r["selfee/round"], r.get("selfee/guard_decision")) for r in summary] == [(0, None), (1, "stopped")]
