@@ -9,12 +9,13 @@ Prompts are random words of `--prompt-tokens` tokens; random weights rarely samp
 
 Per phase it prints tokens/s, seconds and peak GiB (accelerator; 0 on CPU):
     generation at the old default (16 prompts x 2), with `batch_size: auto` (the card capped at --budget-gib,
-    merge_adapter auto), auto on the whole card, and merged (auto + merge_adapter: true);
+    merge_adapter auto), auto on the whole card, and merged (auto + merge_adapter: true); with --hf-baseline also
+    HF generate (the sampler without its static decode loop and CUDA graphs) on the whole card;
     judgment (policy + adapters-off reference, float32 sums) vs a bare forward of the same batches;
     a refine DPO step with judged reference columns vs the same step with an online reference forward;
 and the projected wall time of the paper's recipe from those numbers.
 
-    python benchmarks/gpu_throughput.py                # on a GPU (about 5 minutes on an H100)
+    python benchmarks/gpu_throughput.py                # on a GPU (about 3 minutes on an H200)
     python benchmarks/gpu_throughput.py --small        # tiny shapes on CPU, under a minute (run by the tests)
 """
 
@@ -140,9 +141,12 @@ def measure_generation(model, tokenizer, prompts, device, phase, max_new_tokens,
     out = sampler.generate(prompts, n=2, seed=0)
     _sync(device)
     seconds = time.perf_counter() - start
-    note = f"{min(out.batch_prompts, len(prompts)) * 2} sequences per batch"
-    print(f"  {phase}: {out.generated_tokens} tokens in {seconds:.1f} s, {note}", flush=True)
-    return Row(phase, out.generated_tokens / seconds, seconds, _peak_gib(device), note), out
+    batches = -(-len(prompts) // out.batch_prompts)  # the sampler splits the prompts evenly over this many batches
+    note = f"{batches} batch(es) of {len(prompts) / batches * 2:.0f} sequences (batch size {out.batch_prompts * 2})"
+    row = Row(phase, out.generated_tokens / seconds, seconds, _peak_gib(device), note)
+    print(f"  {phase}: {out.generated_tokens} tokens in {seconds:.1f} s ({row.tokens_per_second:,.0f} tokens/s), "
+          f"{note}, peak {row.peak_gib:.1f} GiB", flush=True)
+    return row, out
 
 
 def measure_judgment(model, tokenizer, sequences, device, max_tokens: int) -> list[Row]:
@@ -153,23 +157,9 @@ def measure_judgment(model, tokenizer, sequences, device, max_tokens: int) -> li
     from selfee_plugin.judge import score_sequences
     from selfee_plugin.logprobs import token_budget_batches
 
-    model.eval()
-    with torch.no_grad():  # warm-up: kernels and allocator for these shapes, not timed
-        score_sequences(model, tokenizer, sequences[:8], None, max_tokens)
-    _reset_peak(device)
-    _sync(device)
-    start = time.perf_counter()
-    with torch.no_grad():
-        _, _, _, tokens = score_sequences(model, tokenizer, sequences, None, max_tokens)
-    _sync(device)
-    judge = Row("judgment (policy + reference, float32 sums)", 0.0, time.perf_counter() - start, _peak_gib(device))
-    judge.tokens_per_second = tokens / judge.seconds
-
     batches = token_budget_batches([len(p) + len(c) for p, c in sequences], max_tokens)
-    _reset_peak(device)
-    _sync(device)
-    start = time.perf_counter()
-    with torch.no_grad():
+
+    def bare(batches):
         for adapters in (True, False):
             for batch in batches:
                 ids = pad([torch.tensor(sequences[i][0] + sequences[i][1]) for i in batch], tokenizer.pad_token_id)
@@ -179,11 +169,31 @@ def measure_judgment(model, tokenizer, sequences, device, max_tokens: int) -> li
                 else:
                     with model.disable_adapter():
                         model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+
+    model.eval()
+    with torch.no_grad():  # warm-up of both at the largest batch (kernels, allocator growth), not timed
+        score_sequences(model, tokenizer, [sequences[i] for i in batches[0]], None, max_tokens)
+        bare(batches[:1])
+    _reset_peak(device)
     _sync(device)
-    bare = Row("bare forward of the same batches (both models)", 0.0, time.perf_counter() - start, _peak_gib(device))
-    bare.tokens_per_second = tokens / bare.seconds
-    judge.note = f"{judge.tokens_per_second / bare.tokens_per_second:.2f}x the bare forward"
-    return [judge, bare]
+    start = time.perf_counter()
+    with torch.no_grad():
+        _, _, _, tokens = score_sequences(model, tokenizer, sequences, None, max_tokens)
+    _sync(device)
+    judge = Row("judgment (policy + reference, float32 sums)", 0.0, time.perf_counter() - start, _peak_gib(device))
+    judge.tokens_per_second = tokens / judge.seconds
+
+    _reset_peak(device)
+    _sync(device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        bare(batches)
+    _sync(device)
+    bare_row = Row("bare forward of the same batches (both models)", 0.0, time.perf_counter() - start,
+                   _peak_gib(device))
+    bare_row.tokens_per_second = tokens / bare_row.seconds
+    judge.note = f"{judge.tokens_per_second / bare_row.tokens_per_second:.2f}x the bare forward"
+    return [judge, bare_row]
 
 
 def measure_dpo_step(model, batch, device, steps: int, online_reference: bool, beta: float = 0.1) -> Row:
@@ -221,10 +231,10 @@ def measure_dpo_step(model, batch, device, steps: int, online_reference: bool, b
         _sync(device)
         if step:
             times.append(time.perf_counter() - start)
-    seconds = sum(times) / len(times)
+    seconds = sorted(times)[len(times) // 2]  # median: a 1-pair step is host-bound and has outliers
     tokens = int(batch["attention_mask"].sum())
     name = "DPO step, online reference forward" if online_reference else "DPO step, judged reference columns"
-    return Row(name, tokens / seconds, seconds, _peak_gib(device), "seconds are per step")
+    return Row(name, tokens / seconds, seconds, _peak_gib(device), f"median of {steps} steps")
 
 
 def dpo_batch(tokenizer, device, prompt_tokens: int, completion_tokens: int, vocab: int) -> dict:
@@ -261,7 +271,9 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=300)
     parser.add_argument("--budget-gib", type=float, default=24.0, help="card size `auto` is measured against")
     parser.add_argument("--json", default=None, help="also write the rows here")
-    parser.add_argument("--skip-old-default", action="store_true", help="skip the slow old-default phase (GPU)")
+    parser.add_argument("--skip-old-default", action="store_true", help="skip the old-default phase (GPU)")
+    parser.add_argument("--hf-baseline", action="store_true",
+                        help="also time HF generate (the sampler before its static decode loop) on the whole card")
     args = parser.parse_args()
 
     small = args.small or not torch.cuda.is_available()
@@ -293,8 +305,8 @@ def main() -> None:
         default_row = auto
     else:
         old = None
-        if not args.skip_old_default:
-            old, _ = measure_generation(model, tokenizer, old_prompts, device,
+        if not args.skip_old_default:  # a per-batch rate: 32 prompts (2 batches) are enough
+            old, _ = measure_generation(model, tokenizer, old_prompts[:32], device,
                                         "generation, old default (batch_size 16)", new_tokens, batch_size=16,
                                         merge_adapter=False)
             rows.append(old)
@@ -312,6 +324,16 @@ def main() -> None:
         full, _ = measure_generation(model, tokenizer, many, device, "generation, auto, whole card, unmerged",
                                      new_tokens, batch_size="auto", merge_adapter=False)
         rows.append(full)
+        if args.hf_baseline:
+            from selfee_plugin import generation
+
+            static_types, generation.STATIC_DECODE_MODEL_TYPES = generation.STATIC_DECODE_MODEL_TYPES, set()
+            hf, _ = measure_generation(model, tokenizer, many, device,
+                                       "generation, auto, whole card, unmerged, HF generate", new_tokens,
+                                       batch_size="auto", merge_adapter=False)
+            generation.STATIC_DECODE_MODEL_TYPES = static_types
+            hf.note += f"; the static loop above is {full.tokens_per_second / hf.tokens_per_second:.1f}x"
+            rows.append(hf)
         for row in rows[1:] if old is not None else []:
             row.note += f"; {row.tokens_per_second / old.tokens_per_second:.1f}x old default"
 
@@ -325,8 +347,8 @@ def main() -> None:
     print(f"  {judge_rows[0].phase}: {judge_rows[0].tokens_per_second:,.0f} tokens/s, {judge_rows[0].note}", flush=True)
 
     batch = dpo_batch(tokenizer, device, prompt_tokens, 2 * new_tokens if small else new_tokens, vocab)
-    judged = measure_dpo_step(model, batch, device, steps=2 if small else 5, online_reference=False)
-    online = measure_dpo_step(model, batch, device, steps=2 if small else 5, online_reference=True)
+    judged = measure_dpo_step(model, batch, device, steps=2 if small else 8, online_reference=False)
+    online = measure_dpo_step(model, batch, device, steps=2 if small else 8, online_reference=True)
     judged.note += f"; {judged.seconds / online.seconds:.2f}x the online-reference step time"
     rows += [judged, online]
     print(f"  refine step {judged.seconds:.3f} s judged columns vs {online.seconds:.3f} s online reference", flush=True)

@@ -121,18 +121,23 @@ def completion_logps(
         return logps, lengths
     sizes = [min(len(p) + len(c), max_length or len(p) + len(c)) for p, c in sequences]
     batches = token_budget_batches(sizes, max_tokens)
+    scored = []  # per batch, results left on the device: one sync at the end, not one per batch
     with eval_mode(model):
         for batch in tqdm(batches, desc="selfee judge", disable=not progress):
             ids = [sequences[i][0] + sequences[i][1] for i in batch]
             masks = [[0] * len(sequences[i][0]) + [1] * len(sequences[i][1]) for i in batch]
             if max_length is not None:
                 ids, masks = [x[:max_length] for x in ids], [m[:max_length] for m in masks]
-            input_ids = pad([torch.tensor(x) for x in ids], pad_token_id, padding_side).to(device)
-            attention_mask = pad([torch.ones(len(x), dtype=torch.long) for x in ids], 0, padding_side).to(device)
-            completion_mask = pad([torch.tensor(m) for m in masks], 0, padding_side).to(device)
+            width = max(len(x) for x in ids)
+            input_ids = _to_device(pad([torch.tensor(x) for x in ids], pad_token_id, padding_side), device)
+            ones = [torch.ones(len(x), dtype=torch.long) for x in ids]
+            attention_mask = _to_device(pad(ones, 0, padding_side), device)
+            completion_mask = _to_device(pad([torch.tensor(m) for m in masks], 0, padding_side), device)
             # Logits only from the position before the batch's earliest completion token: prompts are most of a
-            # sequence, so this skips most of the (B, L, V) logits TRL would materialise.
-            start = max(int(completion_mask.argmax(1).min()) - 1, 0)
+            # sequence, so this skips most of the (B, L, V) logits TRL would materialise. Found from the lists, so
+            # the host never waits for the device between batches.
+            firsts = [(width - len(m) if padding_side == "left" else 0) + m.index(1) for m in masks if 1 in m]
+            start = max(min(firsts, default=1) - 1, 0)
             kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
             kwargs["logits_to_keep"] = input_ids.shape[1] - start
             if padding_side == "left":
@@ -140,6 +145,15 @@ def completion_logps(
                 kwargs["position_ids"] = (attention_mask.cumsum(1) - 1).clamp(min=0)
             logits = model(**kwargs).logits[:, :-1]  # (B, L-1-start, V): position t predicts token t+1
             mask = completion_mask[:, start + 1 :]
-            logps[batch] = sequence_logps(logits, input_ids[:, start + 1 :], mask).cpu()
-            lengths[batch] = mask.sum(1).cpu()
+            scored.append((batch, sequence_logps(logits, input_ids[:, start + 1 :], mask), mask.sum(1)))
+            del logits
+    for batch, batch_logps, batch_lengths in scored:
+        logps[batch], lengths[batch] = batch_logps.cpu(), batch_lengths.cpu()
     return logps, lengths
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # From pinned memory the copy is asynchronous: the host goes on to queue the forward instead of waiting for it.
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
