@@ -97,10 +97,10 @@ class JudgeConfig(_Block):
         default=None,
         description="Model whose log-probs replace pi_init in the judge (required when there is no seed data).",
     )
-    eval_pairs: dict[str, Any] | None = Field(
+    eval_pairs: dict[str, Any] | Literal["auto"] | None = Field(
         default=None,
         description="Held-out human-labelled pairs (an Axolotl DPO dataset entry) to measure judge accuracy "
-        "each round.",
+        "each round; `auto`: hold out 10% of the seed pairs (not trained on) for it.",
     )
     batch_tokens: int = Field(
         default=8192, gt=0, description="Padded tokens per judgment forward pass (sequences batched longest first)."
@@ -116,7 +116,7 @@ class JudgeConfig(_Block):
     @field_validator("eval_pairs")
     @classmethod
     def _eval_pairs_exist(cls, entry):
-        if entry is None:
+        if entry is None or entry == "auto":
             return entry
         path = entry.get("path")
         if not isinstance(path, str) or not path:
@@ -363,6 +363,12 @@ class SelfeeArgs(BaseModel):
                 f"selfee has no seed preference pairs and selfee.rounds is {selfee['rounds']!r}: there is nothing to "
                 "train. Ask for self-annotation rounds (e.g. rounds: [8000, 20000]), or add seed pairs under "
                 "`datasets:`."
+            )
+        if judge.get("eval_pairs") == "auto":
+            raise ValueError(
+                "selfee.judge.eval_pairs: auto holds out a share of the seed pairs, but this run has none (`datasets:` "
+                "is absent or empty). Give a held-out pairs file instead, e.g. {path: heldout_pairs.jsonl, ds_type: "
+                "json, type: chat_template.default}, or remove judge.eval_pairs."
             )
         evaluation = [key for key in ("test_datasets", "val_set_size") if data.get(key)]
         if evaluation:

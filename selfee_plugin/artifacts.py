@@ -2,6 +2,7 @@
 
     selfee/state.json              fingerprint of the run + finished rounds (resume)
     selfee/summary.json            one metrics row per finished round
+    selfee/eval_pairs_auto.jsonl   the seed pairs `judge.eval_pairs: auto` held out of round 0
     selfee/round_<t>/pairs.jsonl   one judged row per prompt (see `annotate.annotate`), in the round's prompt order
     selfee/round_<t>/pairs.rank<r>.jsonl  rank r's rows while several processes judge the round; merged into
                                    pairs.jsonl by rank 0 when every rank is done (see `merge_pairs_parts`)
@@ -21,6 +22,7 @@ STATE_FILE = "state.json"
 SUMMARY_FILE = "summary.json"
 PAIRS_FILE = "pairs.jsonl"
 METRICS_FILE = "metrics.json"
+AUTO_EVAL_FILE = "eval_pairs_auto.jsonl"
 
 # Why a prompt produced no pair; each is counted in the metrics as `selfee/skipped_<reason>`.
 SKIP_REASONS = ("prompt_too_long", "empty_response", "identical_responses", "reward_tie")

@@ -13,6 +13,8 @@ NO_SEED_COLUMNS = {"prompt": [], "chosen": [], "rejected": []}
 # TRL 1.9's DPOTrainer.__init__ reads the first row of its train_dataset (`next(iter(...))`, to detect the format),
 # so with no seed pairs it is built on this one row and then given the empty seed set; the row is never trained on.
 FORMAT_PROBE_ROW = {"prompt": ["x"], "chosen": ["y"], "rejected": ["z"]}
+# `judge.eval_pairs: auto`: the share of the seed pairs held out of round 0 to measure the judge each round.
+AUTO_EVAL_SHARE = 0.1
 
 
 class SelfeePlugin(BasePlugin):
@@ -24,6 +26,7 @@ class SelfeePlugin(BasePlugin):
         self._model_ref = None
         self._pool = None
         self._state = None
+        self._auto_eval_rows = None
 
     def get_input_args(self) -> str:
         return "selfee_plugin.args.SelfeeArgs"
@@ -39,8 +42,10 @@ class SelfeePlugin(BasePlugin):
         # No seed pairs (`datasets:` absent, allowed by SelfeeArgs): Axolotl's own loader would fail on the missing
         # key, so hand it an empty seed set instead; the round loop then skips round 0. `axolotl preprocess` has
         # nothing to prepare (the prompt pool is read at the start of `axolotl train`).
-        if cfg.get("selfee") is None or cfg.get("datasets"):
+        if cfg.get("selfee") is None:
             return None
+        if cfg.get("datasets"):
+            return self._hold_out_eval_pairs(cfg) if parse_selfee(cfg).judge.eval_pairs == "auto" else None
         from axolotl.common.datasets import TrainDatasetMeta
         from datasets import Dataset
 
@@ -52,6 +57,32 @@ class SelfeePlugin(BasePlugin):
                 f"selfee.judge.reference_model ({parse_selfee(cfg).judge.reference_model})"
             )
         return TrainDatasetMeta(train_dataset=Dataset.from_dict(NO_SEED_COLUMNS), total_num_steps=0)
+
+    def _hold_out_eval_pairs(self, cfg):
+        """`judge.eval_pairs: auto`: Axolotl loads the seed pairs as usual; a fixed AUTO_EVAL_SHARE of them (by
+        `seed`) is kept out of round 0 and measures the judge each round, as a held-out human-pairs file would."""
+        import math
+        import random
+
+        from axolotl.common.datasets import TrainDatasetMeta, load_preference_datasets
+
+        meta = load_preference_datasets(cfg=cfg)
+        rows = len(meta.train_dataset)
+        order = list(range(rows))
+        random.Random(cfg.seed if cfg.seed is not None else 42).shuffle(order)
+        held = sorted(order[: max(1, round(AUTO_EVAL_SHARE * rows))])
+        if rows - len(held) < 1:
+            raise ValueError(f"selfee.judge.eval_pairs: auto needs at least 2 seed pairs; `datasets:` has {rows}.")
+        train = meta.train_dataset.select(sorted(order[len(held):]))
+        self._auto_eval_rows = [
+            {k: meta.train_dataset[i][k] for k in ("prompt", "chosen", "rejected")} for i in held
+        ]
+        LOG.info(f"selfee: judge.eval_pairs: auto: {len(held)} of {rows} seed pairs held out of round 0 to measure "
+                 "the judge each round")
+        return TrainDatasetMeta(
+            train_dataset=train, eval_dataset=meta.eval_dataset,
+            total_num_steps=math.ceil(len(train) * cfg.num_epochs / cfg.batch_size),
+        )
 
     def pre_model_load(self, cfg):
         # Everything that can fail without weights fails here, in seconds, not after loading a 7B model.
@@ -117,3 +148,4 @@ class SelfeePlugin(BasePlugin):
         if cfg.selfee:
             trainer.prompt_pool = self._pool
             trainer.selfee_state = self._state
+            trainer.auto_eval_rows = self._auto_eval_rows

@@ -36,7 +36,8 @@ from accelerate.utils import is_peft_model
 from . import distributed
 from ._logging import get_logger
 from .artifacts import METRICS_FILE, PAIRS_FILE, SUMMARY_FILE, judged_pairs_dataset, policy_dir, round_dir, selfee_root
-from .artifacts import merge_pairs_parts, pairs_part_path, read_judged_rows, read_round_rows, write_json
+from .artifacts import AUTO_EVAL_FILE, append_rows, merge_pairs_parts, pairs_part_path, read_judged_rows, read_round_rows
+from .artifacts import write_json
 from .diagnostics import summarize_judged_rows
 from .guard import Attempt, balance_lengths, retry_attempt, verdict
 from .labels import LabelsNeeded, apply_labels, round_labels
@@ -76,6 +77,9 @@ class RoundRunner:
         self.judge_reference = init_judge_reference(self.model, trainer, self.selfee.judge.reference_model)
         self.last_output = None
         self._eval_rows = None  # judge.eval_pairs, loaded on first use
+        if trainer.auto_eval_rows and distributed.is_main():  # which seed pairs `eval_pairs: auto` held out
+            with open(self.root / AUTO_EVAL_FILE, "w", encoding="utf-8") as f:
+                append_rows(f, trainer.auto_eval_rows)
 
     # ---- persistence -------------------------------------------------------------------------------------
 
@@ -435,7 +439,9 @@ class RoundRunner:
         from .judge import judge_accuracy, load_eval_pairs
 
         if self._eval_rows is None:
-            self._eval_rows = load_eval_pairs(self.selfee.judge.eval_pairs, self.trainer.processing_class)
+            entry = self.selfee.judge.eval_pairs
+            self._eval_rows = (self.trainer.auto_eval_rows if entry == "auto"
+                               else load_eval_pairs(entry, self.trainer.processing_class))
         rows = distributed.shard(self._eval_rows, distributed.rank(), distributed.world_size())
         accuracy = judge_accuracy(
             self.model, self.trainer.processing_class, rows, reference=self.judge_reference,

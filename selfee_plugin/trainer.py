@@ -96,6 +96,7 @@ class SelfeeDPOTrainer(AxolotlDPOTrainer):
         self.selfee = parse_selfee(selfee_cfg) if selfee_cfg is not None else None
         self.prompt_pool = None  # set by SelfeePlugin.post_trainer_create
         self.selfee_state = None  # resume state checked before model load; set by SelfeePlugin.post_trainer_create
+        self.auto_eval_rows = None  # `judge.eval_pairs: auto`: seed pairs held out; set by post_trainer_create
         self.refine = self.selfee.refine if self.selfee is not None else RefineConfig()
         self.noise_detector = NoiseDetector(window=self.refine.window, noisy_fraction=self.refine.noisy_fraction)
         self.refine_enabled = False

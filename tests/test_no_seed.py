@@ -53,6 +53,7 @@ def test_no_seed_config_passes_axolotl_validation(validate, datasets):
     (lambda raw: raw["selfee"].pop("judge"), r"no seed preference pairs .* selfee\.judge\.reference_model is required"),
     (lambda raw: raw["selfee"].update(rounds=0), r"selfee\.rounds is 0: there is nothing to train"),
     (lambda raw: raw.update(val_set_size=0.1), r"val_set_size would be ignored.*selfee\.judge\.eval_pairs"),
+    (lambda raw: raw["selfee"]["judge"].update(eval_pairs="auto"), r"eval_pairs: auto holds out a share of the seed"),
     (lambda raw: raw.pop("selfee"), "either datasets or pretraining_dataset is required"),  # Axolotl's own check
 ])
 def test_no_seed_config_refused(validate, change, message):
