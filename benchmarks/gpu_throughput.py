@@ -274,6 +274,9 @@ def main() -> None:
     parser.add_argument("--skip-old-default", action="store_true", help="skip the old-default phase (GPU)")
     parser.add_argument("--hf-baseline", action="store_true",
                         help="also time HF generate (the sampler before its static decode loop) on the whole card")
+    parser.add_argument("--judgment-only", type=int, default=0, metavar="REPEATS",
+                        help="only judgment vs the bare forward, REPEATS times, on random 256 prompt + answer "
+                        "sequences (random weights never stop early, so sampled answers are as random and as long)")
     args = parser.parse_args()
 
     small = args.small or not torch.cuda.is_available()
@@ -287,6 +290,17 @@ def main() -> None:
           f"{time.perf_counter() - start:.0f} s on {torch.cuda.get_device_name() if not small else 'CPU'}")
     vocab = shape["vocab_size"]
     rows = []
+
+    if args.judgment_only:
+        gen = torch.Generator().manual_seed(0)
+        sequences = [tuple(torch.randint(len(SPECIALS), vocab, (length,), generator=gen).tolist()
+                           for length in (prompt_tokens, new_tokens)) for _ in range(32 if small else 256)]
+        for repeat in range(args.judgment_only):
+            judge_row, bare_row = measure_judgment(model, tokenizer, sequences, device, 2048 if small else 16384)
+            print(f"  repeat {repeat}: judgment {judge_row.tokens_per_second:,.0f} tokens/s ({judge_row.seconds:.2f} s, "
+                  f"{judge_row.peak_gib:.1f} GiB), bare forward {bare_row.tokens_per_second:,.0f} tokens/s "
+                  f"({bare_row.seconds:.2f} s): {judge_row.note}", flush=True)
+        return
 
     old_prompts = random_prompts(args.prompts or 16, prompt_tokens, vocab)
     measure_generation(model, tokenizer, old_prompts[:2], device, "warm-up", 4, batch_size=2, merge_adapter=False)
