@@ -29,3 +29,12 @@ def test_gpu_throughput_small_runs_every_phase(tmp_path):
     parts = sum(v for k, v in result["projection"].items() if k != "total_h")
     assert result["projection"]["total_h"] == pytest.approx(parts)
     assert "| generation, batch_size auto |" in proc.stdout and "projected paper recipe" in proc.stdout
+
+
+def test_gpu_throughput_judgment_only_prints_each_repeat():
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_throughput.py"), "--small",
+                           "--judgment-only", "2"], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    repeats = [line for line in proc.stdout.splitlines() if line.strip().startswith("repeat")]
+    assert len(repeats) == 2 and all("x the bare forward" in line for line in repeats)
