@@ -55,10 +55,10 @@ def load_labeller(spec: str):
         ) from error
 
 
-def _export_row(row: dict, label=None) -> dict:
+def _export_row(row: dict) -> dict:
     w, l = row["chosen_index"], row["rejected_index"]
     return {"prompt_id": row["prompt_id"], "messages": row["messages"], "chosen": row["responses"][w],
-            "rejected": row["responses"][l], "judge_probability": row["probability"], "label": label}
+            "rejected": row["responses"][l], "judge_probability": row["probability"], "label": None}
 
 
 def read_labels(path: Path) -> dict[str, str]:

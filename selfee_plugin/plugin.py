@@ -74,9 +74,8 @@ class SelfeePlugin(BasePlugin):
         if rows - len(held) < 1:
             raise ValueError(f"selfee.judge.eval_pairs: auto needs at least 2 seed pairs; `datasets:` has {rows}.")
         train = meta.train_dataset.select(sorted(order[len(held):]))
-        self._auto_eval_rows = [
-            {k: meta.train_dataset[i][k] for k in ("prompt", "chosen", "rejected")} for i in held
-        ]
+        held_out = meta.train_dataset.select(held).select_columns(["prompt", "chosen", "rejected"])
+        self._auto_eval_rows = held_out.to_list()
         LOG.info(f"selfee: judge.eval_pairs: auto: {len(held)} of {rows} seed pairs held out of round 0 to measure "
                  "the judge each round")
         return TrainDatasetMeta(

@@ -36,8 +36,8 @@ from accelerate.utils import is_peft_model
 from . import distributed
 from ._logging import get_logger
 from .artifacts import METRICS_FILE, PAIRS_FILE, SUMMARY_FILE, judged_pairs_dataset, policy_dir, round_dir, selfee_root
-from .artifacts import AUTO_EVAL_FILE, append_rows, merge_pairs_parts, pairs_part_path, read_judged_rows, read_round_rows
-from .artifacts import write_json
+from .artifacts import AUTO_EVAL_FILE, append_rows, merge_pairs_parts, pairs_part_path, read_judged_rows
+from .artifacts import read_round_rows, write_json
 from .diagnostics import summarize_judged_rows
 from .guard import Attempt, balance_lengths, retry_attempt, verdict
 from .labels import LabelsNeeded, apply_labels, round_labels
@@ -136,7 +136,8 @@ class RoundRunner:
         take `selfee.round_learning_rate` / `round_micro_batch_size` where set, the seed Axolotl's own values."""
         args, cfg, selfee = self.trainer.args, self.trainer.axolotl_cfg, self.selfee
         args.num_train_epochs = epochs
-        args.learning_rate = lr_scale * ((refine and selfee.round_learning_rate) or cfg.learning_rate or args.learning_rate)
+        rate = (refine and selfee.round_learning_rate) or cfg.learning_rate or args.learning_rate
+        args.learning_rate = lr_scale * rate
         args.per_device_train_batch_size = (
             (refine and selfee.round_micro_batch_size) or cfg.micro_batch_size or args.per_device_train_batch_size
         )
@@ -191,9 +192,9 @@ class RoundRunner:
         metrics = {"selfee/round": round_idx}
         pool_skips = trainer.prompt_pool.skipped if trainer.prompt_pool is not None else {}
         metrics["selfee/pool_rows_skipped"] = float(sum(pool_skips.values()))
-        metrics.update(self.annotate_round(round_idx, prompts, rdir / PAIRS_FILE))
+        annotated, rows = self.annotate_round(round_idx, prompts, rdir / PAIRS_FILE)
+        metrics.update(annotated)
         metrics.update(self.judge_accuracy())
-        rows = read_judged_rows(rdir / PAIRS_FILE)
         labels = self._round_labels(rows, rdir) if selfee.labels.per_round else {}
         if selfee.dpo_reference == "previous":
             snapshot_dpo_reference(self.model, trainer)
@@ -208,7 +209,9 @@ class RoundRunner:
             if attempt.number > 1:
                 break
             attempt = retry_attempt(metrics, selfee)
-            LOG.warning(f"selfee guard: retrying round {round_idx} once on the same judged pairs with {attempt.describe()}")
+            LOG.warning(
+                f"selfee guard: retrying round {round_idx} once on the same judged pairs with {attempt.describe()}"
+            )
         metrics.update(outcome)
         metrics["selfee/guard_rejected_attempts"] = float(len(rejected))
         if rejected:
@@ -312,12 +315,12 @@ class RoundRunner:
         final = f"round {max(completed)}'s policy" if completed else "the starting model"
         return (
             f"selfee: the round guard stopped the loop at round {stop['round']}: {'; '.join(stop['reasons'])}. "
-            f"The final model is {final} (rounds after it did not run). To go further, start a new output_dir with a lower learning rate "
-            "(selfee.round_learning_rate), length-robust judging, or more labels (selfee.labels); see the README, "
-            "\"Round guard\"."
+            f"The final model is {final} (rounds after it did not run). To go further, start a new output_dir with "
+            "a lower learning rate (selfee.round_learning_rate), length-robust judging, or more labels "
+            "(selfee.labels); see the README, \"Round guard and on-policy labels\"."
         )
 
-    def annotate_round(self, round_idx: int, prompts, pairs_path) -> dict:
+    def annotate_round(self, round_idx: int, prompts, pairs_path) -> tuple[dict, list[dict]]:
         """Generate and judge the round's prompts not judged yet, each rank its shard; rank 0 merges the rows.
 
         Rank 0 reads which prompts every file of the round already holds (written by any earlier run, with any number
@@ -325,8 +328,9 @@ class RoundRunner:
         world-th prompt of it (`distributed.shard`). A prompt is judged once, by one rank, whatever the world size.
 
         Returns:
-            `summarize_judged_rows` over the merged file, the ranks' timings and `selfee/prompts_annotated` reduced
-            (`distributed.REDUCTIONS`), `selfee/prompts_resumed` and `selfee/world_size`; the same dict on every rank.
+            metrics: `summarize_judged_rows` over the merged file, the ranks' timings and `selfee/prompts_annotated`
+                reduced (`distributed.REDUCTIONS`), `selfee/prompts_resumed` and `selfee/world_size`;
+            rows: the merged file's judged rows. Both the same on every rank.
         """
         from .annotate import annotate
 
@@ -353,11 +357,12 @@ class RoundRunner:
         if distributed.is_main():
             merge_pairs_parts(pairs_path, order)  # also folds in part files left by an interrupted run
         distributed.barrier()
-        metrics = summarize_judged_rows(read_judged_rows(pairs_path), selfee.judge.length_bias_warning)
+        rows = read_judged_rows(pairs_path)
+        metrics = summarize_judged_rows(rows, selfee.judge.length_bias_warning)
         metrics.update(distributed.reduce_metrics(per_rank))
         metrics["selfee/prompts_resumed"] = float(len(done))
         metrics["selfee/world_size"] = float(world)
-        return metrics
+        return metrics, rows
 
     def signals_after_round(self, round_idx: int, rows: list[dict]) -> dict:
         """Signals that need no gold: the round's trained rows re-scored by pi_t (each rank its shard), see
@@ -407,7 +412,9 @@ class RoundRunner:
         for row, prompt, responses, finished in zip(mine, gens.prompts, gens.responses, gens.finished):
             if responses is not None:
                 before, after, cut = before + tokens(row["responses"]), after + tokens(responses), cut + finished
-                sequences += [tokenize_completion(tokenizer, prompt, format_completion(tokenizer, t)) for t in responses]
+                sequences += [
+                    tokenize_completion(tokenizer, prompt, format_completion(tokenizer, t)) for t in responses
+                ]
         kl_init, kl_prev = [], []
         if sequences:
             budget, max_length = selfee.judge.batch_tokens, trainer.args.max_length

@@ -45,7 +45,7 @@ def main(model_dir: str, work_dir: str) -> None:
         accelerator=SimpleNamespace(unwrap_model=lambda m: m), beta=0.1, args=SimpleNamespace(max_length=64),
         processing_class=AutoTokenizer.from_pretrained(model_dir),
     )
-    metrics = runner.annotate_round(1, prompts, work / "round_1" / "pairs.jsonl")
+    metrics, _ = runner.annotate_round(1, prompts, work / "round_1" / "pairs.jsonl")
     (work / f"rank{dist.get_rank()}.json").write_text(json.dumps({"metrics": metrics, "received": received}))
     dist.barrier()
     dist.destroy_process_group()
