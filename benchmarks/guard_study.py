@@ -3,8 +3,11 @@
 Each run is the demo (seed round + rounds of 400 and 800 prompts, LoRA, through `axolotl train`) with a `selfee:`
 variant: `guard` (the defaults: guard on), `off` (guard off: what it would have done is logged), or `labels` (guard
 on + `selfee.labels` at K = 5% of each round's pairs, labelled by the demo's gold score, `selfee_demo.task:gold_label`).
-Every policy is scored with the gold score over 200 held-out prompts x 2 samples: each finished round's, each
-attempt the guard rejected (`round_<t>/rejected/attempt_<k>/`), and the final one (the last finished round).
+Every policy is scored with the gold score over 200 held-out prompts x 2 samples, once per evaluation seed
+(`--eval-seeds`, the same for every policy so differences are paired): each finished round's, each attempt the guard
+rejected (`round_<t>/rejected/attempt_<k>/`), and the final one (the last finished round). A final policy counts as
+below its round 0 when the mean paired difference is below -2 standard errors (over the evaluation seeds): the
+evaluation noise, measured rather than assumed.
 
     python benchmarks/guard_study.py --tasks fixed variable --lrs 1e-4 5e-4 2e-3 --seeds 0 1 2
     python benchmarks/guard_study.py --tasks variable --lrs 5e-4 --variants labels
@@ -34,17 +37,18 @@ VARIANTS = {
     "off": {"guard": {"enabled": False}},
     "labels": {"labels": {"per_round": 0.05, "function": "selfee_demo.task:gold_label"}},
 }
-SIGNALS = ("selfee/logps_drift_chosen_per_token", "selfee/kl_previous", "selfee/length_growth",
+SIGNALS = ("selfee/logps_drift_chosen_per_token", "selfee/logps_drift_ratio", "selfee/kl_previous", "selfee/length_growth",
            "selfee/longer_chosen_fraction", "selfee/judge_accuracy_on_policy", "selfee/response_length_mean")
 
 
-def gold(paths: dict, policy_dir: str, seed: int, eval_set) -> tuple[float, float]:
+def gold(paths: dict, policy_dir: str, eval_seeds: list[int], eval_set) -> tuple[list[float], float]:
+    """Gold mean per evaluation seed, and the mean answer length over all of them."""
     model, tokenizer = load_policy(policy_dir, base_model=paths["sft_model"])
-    quality = evaluate_policy(model, tokenizer, *eval_set, seed=seed)
-    return quality["gold_mean"], quality["length_mean"]
+    runs = [evaluate_policy(model, tokenizer, *eval_set, seed=s) for s in eval_seeds]
+    return [q["gold_mean"] for q in runs], statistics.fmean(q["length_mean"] for q in runs)
 
 
-def run_one(paths: dict, out: str, task: str, lr: float, seed: int, variant: str) -> list[dict]:
+def run_one(paths: dict, out: str, task: str, lr: float, seed: int, variant: str, eval_seeds: list[int]) -> list[dict]:
     run_dir = os.path.abspath(os.path.join(out, task, f"{variant}_lr{lr:g}_seed{seed}"))
     root = Path(run_dir) / "selfee"
     state = json.loads((root / "state.json").read_text()) if (root / "state.json").exists() else {}
@@ -61,17 +65,19 @@ def run_one(paths: dict, out: str, task: str, lr: float, seed: int, variant: str
                 **{key: metrics.get(key) for key in SIGNALS}}
         for attempt_dir in sorted((root / f"round_{t}" / "rejected").glob("attempt_*")):
             attempt = json.loads((attempt_dir / "metrics.json").read_text())
-            g, length = gold(paths, str(attempt_dir / "adapter"), seed, eval_set) if (attempt_dir / "adapter").exists() \
-                else (None, None)
+            golds, length = gold(paths, str(attempt_dir / "adapter"), eval_seeds, eval_set) \
+                if (attempt_dir / "adapter").exists() else (None, None)
             rows.append({**base, **{key: attempt.get(key) for key in SIGNALS}, "policy": attempt_dir.name,
-                         "decision": "rejected (" + attempt["with"] + ")", "gold": g, "length": length})
+                         "decision": "rejected (" + attempt["with"] + ")", "golds": golds, "length": length})
         adapter = root / f"round_{t}" / "adapter"
         if adapter.exists():
-            g, length = gold(paths, str(adapter), seed, eval_set)
+            golds, length = gold(paths, str(adapter), eval_seeds, eval_set)
             rows.append({**base, "policy": "final" if t == max(state["completed"]) else "kept",
-                         "decision": metrics.get("selfee/guard_decision", "-"), "gold": g, "length": length})
+                         "decision": metrics.get("selfee/guard_decision", "-"), "golds": golds, "length": length})
         elif t == (state.get("stopped") or {}).get("round"):
-            rows.append({**base, "policy": "-", "decision": "stopped", "gold": None, "length": None})
+            rows.append({**base, "policy": "-", "decision": "stopped", "golds": None, "length": None})
+    for row in rows:
+        row["gold"] = None if row["golds"] is None else statistics.fmean(row["golds"])
     return rows
 
 
@@ -86,7 +92,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", default=["guard"], choices=sorted(VARIANTS))
     parser.add_argument("--out", default="bench_output/guard")
-    parser.add_argument("--noise", type=float, default=0.02, help="gold change counted as evaluation noise")
+    parser.add_argument("--eval-seeds", type=int, nargs="+", default=list(range(6)),
+                        help="sampling seeds of the gold evaluation (each: 200 prompts x 2 samples)")
     parser.add_argument("--json", default=None, help="write every row here")
     args = parser.parse_args()
     os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
@@ -100,16 +107,18 @@ def main() -> None:
         for variant in args.variants:
             for lr in args.lrs:
                 for seed in args.seeds:
-                    rows += run_one(paths, args.out, task, lr, seed, variant)
-    header = "| task | variant | lr | seed | round | policy | decision | gold | length | drift chosen/token | KL prev | length growth | longer chosen | judge acc. on policy |"
+                    rows += run_one(paths, args.out, task, lr, seed, variant, args.eval_seeds)
+    header = ("| task | variant | lr | seed | round | policy | decision | gold | length | drift chosen/token | drift ratio "
+              "| KL prev | length growth | longer chosen | judge acc. on policy |")
     print(header + "\n|" + "---|" * header.count(" | ") + "---|")
     for r in rows:
         print(f"| {r['task']} | {r['variant']} | {r['lr']:g} | {r['seed']} | {r['round']} | {r['policy']} | "
               f"{r['decision']} | {fmt(r['gold'])} | {fmt(r['length'], '.2f')} | "
-              f"{fmt(r['selfee/logps_drift_chosen_per_token'], '+.3f')} | {fmt(r['selfee/kl_previous'])} | "
+              f"{fmt(r['selfee/logps_drift_chosen_per_token'], '+.3f')} | {fmt(r['selfee/logps_drift_ratio'], '.1f')} | "
+              f"{fmt(r['selfee/kl_previous'])} | "
               f"{fmt(r['selfee/length_growth'], '+.2f')} | {fmt(r['selfee/longer_chosen_fraction'], '.2f')} | "
               f"{fmt(r['selfee/judge_accuracy_on_policy'], '.2f')} |")
-    print("\n| task | variant | lr | final - round 0 gold (per seed) | mean | runs below round 0 by > noise |")
+    print("\n| task | variant | lr | final - round 0 gold (per seed, +- 2 SE) | mean | runs below round 0 by > noise |")
     print("|---|---|---|---|---|---|")
     groups = {}
     for r in rows:
@@ -117,12 +126,14 @@ def main() -> None:
     for (task, variant, lr), by_seed in groups.items():
         changes = []
         for seed_rows in by_seed.values():
-            round0 = next(r["gold"] for r in seed_rows if r["round"] == 0 and r["policy"] in ("final", "kept"))
-            final = next(r["gold"] for r in seed_rows if r["policy"] == "final")
-            changes.append(final - round0)
-        worse = sum(c < -args.noise for c in changes)
-        print(f"| {task} | {variant} | {lr:g} | {', '.join(f'{c:+.3f}' for c in changes)} | "
-              f"{statistics.mean(changes):+.3f} | {worse} of {len(changes)} |")
+            round0 = next(r["golds"] for r in seed_rows if r["round"] == 0 and r["policy"] in ("final", "kept"))
+            final = next(r["golds"] for r in seed_rows if r["policy"] == "final")
+            diffs = [f - r for f, r in zip(final, round0)]
+            noise = 2 * statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else 0.0
+            changes.append((statistics.fmean(diffs), noise))
+        worse = sum(c < -noise for c, noise in changes)
+        print(f"| {task} | {variant} | {lr:g} | {', '.join(f'{c:+.3f} +- {n:.3f}' for c, n in changes)} | "
+              f"{statistics.mean(c for c, _ in changes):+.3f} | {worse} of {len(changes)} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

@@ -171,6 +171,11 @@ class GuardConfig(_Block):
         description="Fire when the policy's log-probs on the round's chosen answers fell by more than this many "
         "nats per token during the round (`selfee/logps_drift_chosen_per_token` below it).",
     )
+    max_drift_ratio: float = Field(
+        default=3.0, gt=0.0,
+        description="Fire when the round's chosen answers' log-probs rose but its rejected answers' fell more than "
+        "this many times as far, per token (`selfee/logps_drift_ratio`).",
+    )
     max_length_growth: float = Field(
         default=0.25, ge=0.0,
         description="Fire when answers sampled after the round (`probe_prompts` of its prompts) are longer than the "
@@ -196,7 +201,7 @@ class LabelsConfig(_Block):
 
     per_round: float = Field(
         default=0, ge=0,
-        description="Pairs to label per round: a share of the round's pairs (< 1) or a count (>= 1); 0: off. The "
+        description="Pairs to label per round: a share of the round's prompts (< 1) or a count (>= 1); 0: off. The "
         "judge's least sure pairs are exported, unequal-length pairs first.",
     )
     function: str | None = Field(

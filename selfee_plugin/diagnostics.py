@@ -70,6 +70,8 @@ def post_round_signals(rows: list[dict], after: list[list[float] | None]) -> dic
         `selfee/logps_drift_chosen` / `_rejected`: mean change of log pi on the chosen / rejected answers during the
             round (a learning rate too high showed as chosen log-probs falling ~3x in one round); `..._per_token`:
             the same summed over the pairs and divided by their tokens (comparable across answer lengths);
+        `selfee/logps_drift_ratio`: how many times as far the rejected answers' per-token log-probs fell as the
+            chosen answers' rose (present only when they did both: a margin won by pushing down, not pulling up);
         `selfee/kl_previous`: KL(pi_{t-1} || pi_t) estimated on the round's samples (drawn from pi_{t-1}), in nats
             per response;
         `selfee/judge_agreement_after`: share of the round's pairs whose chosen answer still has the strictly higher
@@ -90,12 +92,15 @@ def post_round_signals(rows: list[dict], after: list[list[float] | None]) -> dic
             tokens_w.append(row["completion_lengths"][w])
             tokens_l.append(row["completion_lengths"][l])
             agree.append(float(logps[w] - init[w] > logps[l] - init[l]))
+    per_token_w = sum(drift_w) / max(sum(tokens_w), 1)
+    per_token_l = sum(drift_l) / max(sum(tokens_l), 1)
     return {
         "selfee/logps_drift_chosen": _mean(drift_w),
         "selfee/logps_drift_rejected": _mean(drift_l),
-        "selfee/logps_drift_chosen_per_token": sum(drift_w) / max(sum(tokens_w), 1),
-        "selfee/logps_drift_rejected_per_token": sum(drift_l) / max(sum(tokens_l), 1),
+        "selfee/logps_drift_chosen_per_token": per_token_w,
+        "selfee/logps_drift_rejected_per_token": per_token_l,
         "selfee/kl_previous": _mean(kl),
         "selfee/judge_agreement_after": _mean(agree),
         "selfee/reward_after_mean": _mean(rewards),
+        **({"selfee/logps_drift_ratio": -per_token_l / per_token_w} if per_token_w > 0 > per_token_l else {}),
     }

@@ -4,6 +4,10 @@ The rule (`selfee.guard`, chosen from the sweep in `benchmarks/README.md` "Round
     - the policy's log-probs on the round's own chosen answers fell during the round (per token, below
       `min_chosen_drift`): DPO pushing every answer down, likelihood displacement, preceded every round that lowered
       gold on the demo, while every round that raised it moved them up;
+    - or they rose, but the rejected answers' log-probs fell more than `max_drift_ratio` times as far (per token): the
+      margin won by pushing answers down rather than the chosen ones up, the step before displacement. On the demo
+      every round that raised gold had a ratio <= 2.0 (18 rounds, both tasks, lr 1e-4 and 5e-4), every round that
+      lowered it with chosen log-probs still rising had 3.7-13.6 (7 rounds), so the default 3 sits between them;
     - answers sampled after the round grew by more than `max_length_growth` while the judge had chosen the longer
       answer in most (of >= 10) unequal-length pairs: the length bias of SPEC section 3 feeding itself (on the
       variable-length demo, harmful rounds grew answers 137-215%, a neutral one 7-12%, helpful ones <= 1.4%);
@@ -74,6 +78,12 @@ def verdict(signals: dict, round_metrics: dict, guard) -> list[str]:
         reasons.append(
             f"log-probs of the round's chosen answers fell by {-drift:.3f} nats/token during training "
             f"(guard.min_chosen_drift {guard.min_chosen_drift:g})"
+        )
+    ratio = signals.get("selfee/logps_drift_ratio")
+    if ratio is not None and ratio > guard.max_drift_ratio:
+        reasons.append(
+            f"log-probs of the round's rejected answers fell {ratio:.1f}x as far as those of its chosen answers rose "
+            f"(per token; guard.max_drift_ratio {guard.max_drift_ratio:g})"
         )
     growth = signals.get("selfee/length_growth")
     if growth is not None and growth > guard.max_length_growth and leans_longer(round_metrics):

@@ -28,10 +28,11 @@ class LabelsNeeded(SystemExit):
     """Stops the run until a person labels the exported pairs; a rerun with the same config continues."""
 
 
-def label_count(per_round: float, pairs: int) -> int:
+def label_count(per_round: float, prompts: int, pairs: int) -> int:
+    """Pairs to label: a share of the round's prompts (< 1) or a count (>= 1), at most its judged pairs."""
     if per_round <= 0 or pairs == 0:
         return 0
-    return min(pairs, int(per_round) if per_round >= 1 else max(1, math.ceil(per_round * pairs)))
+    return min(pairs, int(per_round) if per_round >= 1 else max(1, math.ceil(per_round * prompts)))
 
 
 def select_for_labels(rows: list[dict], count: int) -> list[dict]:
@@ -95,8 +96,8 @@ def round_labels(rows: list[dict], labels_cfg, round_dir: Path) -> dict[str, str
     """
     path = round_dir / TO_LABEL_FILE
     if not path.exists():
-        chosen = select_for_labels(rows, label_count(labels_cfg.per_round, sum(r.get("chosen_index") is not None
-                                                                            for r in rows)))
+        pairs = sum(r.get("chosen_index") is not None for r in rows)
+        chosen = select_for_labels(rows, label_count(labels_cfg.per_round, len(rows), pairs))
         if not chosen:
             return {}
         if labels_cfg.function:

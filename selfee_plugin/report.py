@@ -28,6 +28,7 @@ COLUMNS = [
     ("drift chosen", "selfee/logps_drift_chosen", "{:+.2f}"),
     ("drift chosen/token", "selfee/logps_drift_chosen_per_token", "{:+.3f}"),
     ("drift rejected", "selfee/logps_drift_rejected", "{:+.2f}"),
+    ("drift ratio", "selfee/logps_drift_ratio", "{:.1f}"),
     ("KL prev", "selfee/kl_previous", "{:.3f}"),
     ("KL(pi_t, pi_init)", "selfee/kl_initial_probe", "{:.3f}"),
     ("length growth", "selfee/length_growth", "{:+.2f}"),

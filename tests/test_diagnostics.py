@@ -30,6 +30,16 @@ def test_post_round_signals_by_hand():
     assert signals["selfee/kl_previous"] == pytest.approx((-1 + 2 - 1 + 2) / 4)
     assert signals["selfee/judge_agreement_after"] == pytest.approx(0.5)
     assert signals["selfee/reward_after_mean"] == pytest.approx((2 - 3 + 1 - 1) / 4)
+    # The chosen answers fell on net: the drift ratio (rejected fell / chosen rose) is not defined.
+    assert "selfee/logps_drift_ratio" not in signals
+
+
+def test_drift_ratio_is_how_far_rejected_fell_per_chosen_gain():
+    """One pair: chosen 2 tokens rose 0.2 (0.1/token), rejected 4 tokens fell 1.6 (0.4/token): ratio 4."""
+    rows = [{"policy_logps": [-3.0, -5.0], "ref_logps": [-3.0, -5.0], "chosen_index": 0, "rejected_index": 1,
+             "completion_lengths": [2, 4]}]
+    signals = post_round_signals(rows, [[-2.8, -6.6]])
+    assert signals["selfee/logps_drift_ratio"] == pytest.approx(4.0)
 
 
 def test_rescoring_an_unchanged_policy_gives_no_drift(tiny_model, tiny_tokenizer, tmp_path):

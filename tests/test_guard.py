@@ -31,6 +31,10 @@ def test_verdict_names_each_rule_that_fires():
     assert len(reasons) == 1 and "+30%" in reasons[0] and "90%" in reasons[0]
     assert verdict({**grew, "selfee/length_growth": 0.2}, {"selfee/unequal_length_pairs": 20,
                                                           "selfee/longer_chosen_fraction": 0.9}, guard) == []
+    # Chosen rose, but the margin came mostly from pushing the rejected answers down.
+    assert verdict({"selfee/logps_drift_chosen_per_token": 0.02, "selfee/logps_drift_ratio": 2.9}, {}, guard) == []
+    pushed = verdict({"selfee/logps_drift_chosen_per_token": 0.02, "selfee/logps_drift_ratio": 7.5}, {}, guard)
+    assert len(pushed) == 1 and "7.5x" in pushed[0] and "guard.max_drift_ratio 3" in pushed[0]
     labels = verdict({"selfee/judge_accuracy_on_policy": 0.3}, {}, guard)
     assert len(labels) == 1 and "30%" in labels[0]
 
@@ -60,8 +64,9 @@ def test_labels_pick_unequal_length_then_least_sure_pairs():
     rows = [_row("a", [3, 3], probability=0.51), _row("b", [4, 3], probability=0.9), _row("c", [2, 3], probability=0.6),
             {**_row("d", [1, 1]), "chosen_index": None}]
     assert [r["prompt_id"] for r in select_for_labels(rows, 3)] == ["c", "b", "a"]
-    assert label_count(0.05, 400) == 20 and label_count(0.001, 10) == 1 and label_count(7, 5) == 5
-    assert label_count(0, 400) == 0
+    # A share counts the round's prompts, skipped ones included; never more than its pairs.
+    assert label_count(0.05, 400, 350) == 20 and label_count(0.001, 10, 10) == 1 and label_count(7, 8, 5) == 5
+    assert label_count(0.5, 400, 150) == 150 and label_count(0, 400, 400) == 0
 
 
 def test_labels_swap_drop_and_measure_the_judge():
