@@ -66,15 +66,19 @@ def dpo_reference(trainer):
     return REF_ADAPTER if REF_ADAPTER in model.peft_config else None
 
 
+def adapter_parameters(model, adapter: str = POLICY_ADAPTER) -> dict[str, torch.nn.Parameter]:
+    """One adapter's parameters by name (PEFT puts the adapter's name in each: `...lora_A.<adapter>.weight`)."""
+    return {name: param for name, param in model.named_parameters() if f".{adapter}." in name}
+
+
 def copy_adapter(model, source: str, target: str) -> None:
     """Copy adapter `source` into a frozen adapter `target` (created if needed); the policy adapter stays active."""
     if target not in model.peft_config:
         model.add_adapter(target, model.peft_config[source])
-    for name, param in model.named_parameters():
-        if f".{source}." in name:
-            target_param = model.get_parameter(name.replace(f".{source}.", f".{target}."))
-            target_param.data.copy_(param.data)
-            target_param.requires_grad_(False)
+    for name, param in adapter_parameters(model, source).items():
+        target_param = model.get_parameter(name.replace(f".{source}.", f".{target}."))
+        target_param.data.copy_(param.data)
+        target_param.requires_grad_(False)
     model.set_adapter(POLICY_ADAPTER)
 
 

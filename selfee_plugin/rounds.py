@@ -41,7 +41,7 @@ from .artifacts import read_round_rows, write_json
 from .diagnostics import summarize_judged_rows
 from .guard import Attempt, balance_lengths, retry_attempt, verdict
 from .labels import LabelsNeeded, apply_labels, round_labels
-from .references import init_judge_reference, snapshot_dpo_reference
+from .references import adapter_parameters, init_judge_reference, snapshot_dpo_reference
 from .report import write_report
 from .resume import check_resume, save_state
 
@@ -278,7 +278,7 @@ class RoundRunner:
             return None
         model = self.trainer.accelerator.unwrap_model(self.model)
         if self.peft:
-            return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if ".default." in n}
+            return {n: p.detach().to("cpu", copy=True) for n, p in adapter_parameters(model).items()}
         if policy_dir(self.root, round_idx - 1, False).exists():
             return round_idx - 1
         return {n: t.detach().to("cpu", copy=True) for n, t in model.state_dict().items()}
@@ -290,9 +290,8 @@ class RoundRunner:
         model = self.trainer.accelerator.unwrap_model(self.model)
         if self.peft:
             with torch.no_grad():
-                for name, param in model.named_parameters():
-                    if name in snapshot:
-                        param.copy_(snapshot[name])
+                for name, param in adapter_parameters(model).items():
+                    param.copy_(snapshot[name])
         else:
             model.load_state_dict(snapshot)
 
