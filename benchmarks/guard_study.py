@@ -85,29 +85,46 @@ def fmt(value, spec=".3f"):
     return "-" if value is None else format(value, spec)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", nargs="+", default=["fixed", "variable"], choices=["fixed", "variable"])
-    parser.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 5e-4, 2e-3])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--variants", nargs="+", default=["guard"], choices=sorted(VARIANTS))
-    parser.add_argument("--out", default="bench_output/guard")
-    parser.add_argument("--eval-seeds", type=int, nargs="+", default=list(range(6)),
-                        help="sampling seeds of the gold evaluation (each: 200 prompts x 2 samples)")
-    parser.add_argument("--json", default=None, help="write every row here")
-    args = parser.parse_args()
-    os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    # The labeller (selfee_demo.task:gold_label) is imported inside `axolotl train`.
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [EXAMPLES, os.environ.get("PYTHONPATH")]))
-    rows = []
-    for task in args.tasks:
-        data_dir = data_dir_for("demo_output", task)
-        paths = {k: os.path.abspath(v) for k, v in build_demo(data_dir, seed=0, task=task).items()}
-        for variant in args.variants:
-            for lr in args.lrs:
-                for seed in args.seeds:
-                    rows += run_one(paths, args.out, task, lr, seed, variant, args.eval_seeds)
+def paired_change(golds: list[float], start: list[float]) -> tuple[float, float]:
+    """Mean gold difference over the paired evaluation seeds, and 2 standard errors of it (the evaluation noise)."""
+    diffs = [a - b for a, b in zip(golds, start)]
+    return statistics.fmean(diffs), (2 * statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else 0.0)
+
+
+def rule_evidence(rows: list[dict]) -> None:
+    """Every trained attempt (accepted or rejected) against the policy its round started from, grouped by what the
+    log-prob drift said: the evidence behind the guard's first two rules."""
+    start = {(r["task"], r["variant"], r["lr"], r["seed"], r["round"]): r["golds"]
+             for r in rows if r["policy"] in ("kept", "final")}
+    # A guard-off round repeats the guard-on run's first attempt when the guard accepted every earlier round as is.
+    guard_retried = {(r["task"], r["lr"], r["seed"], r["round"]) for r in rows
+                     if r["variant"] == "guard" and r["policy"].startswith("attempt")}
+
+    def repeats_guard_run(r) -> bool:
+        return r["variant"] == "off" and not any((r["task"], r["lr"], r["seed"], t) in guard_retried
+                                                 for t in range(1, r["round"]))
+
+    groups = {}
+    for r in rows:
+        before = start.get((r["task"], r["variant"], r["lr"], r["seed"], r["round"] - 1))
+        if r["round"] == 0 or r["golds"] is None or before is None or repeats_guard_run(r):
+            continue
+        chosen, ratio = r["selfee/logps_drift_chosen_per_token"], r["selfee/logps_drift_ratio"]
+        group = ("chosen log-probs fell (rule 1 fires)" if chosen < 0
+                 else "chosen rose, drift ratio > 3 (rule 2 fires)" if ratio and ratio > 3
+                 else "chosen rose, drift ratio <= 3 (passes)")
+        groups.setdefault(group, []).append(paired_change(r["golds"], before) + (ratio,))
+    print("\n| drift during the round | trained attempts | gold change vs the round's start (min .. max) "
+          "| raised gold by > noise | lowered it by > noise | drift ratio (min .. max) |")
+    print("|---|---|---|---|---|---|")
+    for group, changes in sorted(groups.items()):
+        ratios = [c[2] for c in changes if c[2] is not None]
+        print(f"| {group} | {len(changes)} | {min(c[0] for c in changes):+.3f} .. {max(c[0] for c in changes):+.3f} | "
+              f"{sum(c > n for c, n, _ in changes)} | {sum(c < -n for c, n, _ in changes)} | "
+              + (f"{min(ratios):.1f} .. {max(ratios):.1f} |" if ratios else "- |"))
+
+
+def report(rows: list[dict]) -> None:
     header = ("| task | variant | lr | seed | round | policy | decision | gold | length | drift chosen/token | drift ratio "
               "| KL prev | length growth | longer chosen | judge acc. on policy |")
     print(header + "\n|" + "---|" * header.count(" | ") + "---|")
@@ -128,12 +145,41 @@ def main() -> None:
         for seed_rows in by_seed.values():
             round0 = next(r["golds"] for r in seed_rows if r["round"] == 0 and r["policy"] in ("final", "kept"))
             final = next(r["golds"] for r in seed_rows if r["policy"] == "final")
-            diffs = [f - r for f, r in zip(final, round0)]
-            noise = 2 * statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else 0.0
-            changes.append((statistics.fmean(diffs), noise))
+            changes.append(paired_change(final, round0))
         worse = sum(c < -noise for c, noise in changes)
         print(f"| {task} | {variant} | {lr:g} | {', '.join(f'{c:+.3f} +- {n:.3f}' for c, n in changes)} | "
               f"{statistics.mean(c for c, _ in changes):+.3f} | {worse} of {len(changes)} |")
+    rule_evidence(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", nargs="+", default=["fixed", "variable"], choices=["fixed", "variable"])
+    parser.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 5e-4, 2e-3])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--variants", nargs="+", default=["guard"], choices=sorted(VARIANTS))
+    parser.add_argument("--out", default="bench_output/guard")
+    parser.add_argument("--eval-seeds", type=int, nargs="+", default=list(range(6)),
+                        help="sampling seeds of the gold evaluation (each: 200 prompts x 2 samples)")
+    parser.add_argument("--json", default=None, help="write every row here")
+    parser.add_argument("--from-json", nargs="+", default=None, help="report the rows of earlier --json files; run nothing")
+    args = parser.parse_args()
+    if args.from_json:
+        report([row for path in args.from_json for row in json.loads(Path(path).read_text())])
+        return
+    os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # The labeller (selfee_demo.task:gold_label) is imported inside `axolotl train`.
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [EXAMPLES, os.environ.get("PYTHONPATH")]))
+    rows = []
+    for task in args.tasks:
+        data_dir = data_dir_for("demo_output", task)
+        paths = {k: os.path.abspath(v) for k, v in build_demo(data_dir, seed=0, task=task).items()}
+        for variant in args.variants:
+            for lr in args.lrs:
+                for seed in args.seeds:
+                    rows += run_one(paths, args.out, task, lr, seed, variant, args.eval_seeds)
+    report(rows)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

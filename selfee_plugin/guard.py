@@ -5,9 +5,9 @@ The rule (`selfee.guard`, chosen from the sweep in `benchmarks/README.md` "Round
       `min_chosen_drift`): DPO pushing every answer down, likelihood displacement, preceded every round that lowered
       gold on the demo, while every round that raised it moved them up;
     - or they rose, but the rejected answers' log-probs fell more than `max_drift_ratio` times as far (per token): the
-      margin won by pushing answers down rather than the chosen ones up, the step before displacement. On the demo
-      every round that raised gold had a ratio <= 2.0 (18 rounds, both tasks, lr 1e-4 and 5e-4), every round that
-      lowered it with chosen log-probs still rising had 3.7-13.6 (7 rounds), so the default 3 sits between them;
+      margin won by pushing answers down rather than pulling the chosen ones up, the step before displacement. In the
+      guard study every round with a ratio <= 2.0 raised gold (22 rounds, both tasks, lr 1e-4 and 5e-4) and none of
+      the 8 above 3 (3.7-112) did (-0.035 to +0.004); the default 3 sits between them;
     - answers sampled after the round grew by more than `max_length_growth` while the judge had chosen the longer
       answer in most (of >= 10) unequal-length pairs: the length bias of SPEC section 3 feeding itself (on the
       variable-length demo, harmful rounds grew answers 137-215%, a neutral one 7-12%, helpful ones <= 1.4%);
