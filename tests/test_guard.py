@@ -193,3 +193,27 @@ def test_labels_stop_the_run_then_a_rerun_trains_with_them(tiny_model_dir, tiny_
     metrics = json.loads((out / "selfee" / "round_1" / "metrics.json").read_text())
     assert metrics["selfee/labels"] == 2 and metrics["selfee/judge_accuracy_on_policy"] == 0.5
     assert metrics["selfee/labels_flipped"] == 1
+
+
+@pytest.mark.e2e
+def test_a_firing_guard_under_full_fine_tuning_restores_the_whole_model(tiny_model_dir, tiny_data_dir, tmp_path):
+    """Full fine-tuning (the paper's setting): the guard restores every weight of pi_{t-1}, not an adapter. The final
+    model Axolotl saves equals round 0's saved policy, and the rejected attempt differs from it."""
+    from conftest import run_axolotl_train
+    from safetensors.torch import load_file
+
+    out = tmp_path / "out"
+    cfg = _tiny_rounds_cfg(tiny_model_dir, tiny_data_dir, out, guard={"probe_prompts": 4, "min_chosen_drift": 100.0})
+    for key in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_linear"):
+        cfg.pop(key)
+    cfg.update(adapter=None, learning_rate=1e-4)
+    proc = run_axolotl_train(cfg, tmp_path)
+    assert "the round guard stopped the loop at round 1" in proc.output and "round 0's policy" in proc.output
+    root = out / "selfee"
+    final = load_file(str(out / "model.safetensors"))
+    round_0 = load_file(str(root / "round_0" / "model" / "model.safetensors"))
+    rejected = load_file(str(root / "round_1" / "rejected" / "attempt_1" / "model" / "model.safetensors"))
+    assert final.keys() == round_0.keys() and len(final) > 10
+    for name in final:
+        assert torch.equal(final[name], round_0[name]), name
+    assert any(not torch.equal(rejected[name], round_0[name]) for name in final)
