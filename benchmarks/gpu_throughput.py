@@ -183,6 +183,18 @@ def measure_judgment(model, tokenizer, sequences, device, max_tokens: int) -> li
     judge = Row("judgment (policy + reference, float32 sums)", 0.0, time.perf_counter() - start, _peak_gib(device))
     judge.tokens_per_second = tokens / judge.seconds
 
+    with torch.no_grad():  # warm-up of the shared-prompt path, not timed
+        score_sequences(model, tokenizer, [sequences[i] for i in batches[0]], None, max_tokens, share_prompts=True)
+    _reset_peak(device)
+    _sync(device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        score_sequences(model, tokenizer, sequences, None, max_tokens, share_prompts=True)
+    _sync(device)
+    shared = Row("judgment, judge.share_prompts (each prompt forwarded once)", 0.0, time.perf_counter() - start,
+                 _peak_gib(device))
+    shared.tokens_per_second = tokens / shared.seconds
+
     _reset_peak(device)
     _sync(device)
     start = time.perf_counter()
@@ -192,8 +204,9 @@ def measure_judgment(model, tokenizer, sequences, device, max_tokens: int) -> li
     bare_row = Row("bare forward of the same batches (both models)", 0.0, time.perf_counter() - start,
                    _peak_gib(device))
     bare_row.tokens_per_second = tokens / bare_row.seconds
-    judge.note = f"{judge.tokens_per_second / bare_row.tokens_per_second:.2f}x the bare forward"
-    return [judge, bare_row]
+    for row in (judge, shared):
+        row.note = f"{row.tokens_per_second / bare_row.tokens_per_second:.2f}x the bare forward"
+    return [judge, shared, bare_row]
 
 
 def measure_dpo_step(model, batch, device, steps: int, online_reference: bool, beta: float = 0.1) -> Row:
@@ -275,8 +288,8 @@ def main() -> None:
     parser.add_argument("--hf-baseline", action="store_true",
                         help="also time HF generate (the sampler before its static decode loop) on the whole card")
     parser.add_argument("--judgment-only", type=int, default=0, metavar="REPEATS",
-                        help="only judgment vs the bare forward, REPEATS times, on random 256 prompt + answer "
-                        "sequences (random weights never stop early, so sampled answers are as random and as long)")
+                        help="only judgment vs the bare forward, REPEATS times, on 128 random prompts x 2 random "
+                        "answers (random weights never stop early, so sampled answers are as random and as long)")
     args = parser.parse_args()
 
     small = args.small or not torch.cuda.is_available()
@@ -292,14 +305,19 @@ def main() -> None:
     rows = []
 
     if args.judgment_only:
+        # As the judge sees them: 2 answers per prompt (128 prompts; 16 on CPU).
         gen = torch.Generator().manual_seed(0)
-        sequences = [tuple(torch.randint(len(SPECIALS), vocab, (length,), generator=gen).tolist()
-                           for length in (prompt_tokens, new_tokens)) for _ in range(32 if small else 256)]
+        sequences = []
+        for _ in range(16 if small else 128):
+            prompt = torch.randint(len(SPECIALS), vocab, (prompt_tokens,), generator=gen).tolist()
+            sequences += [(prompt, torch.randint(len(SPECIALS), vocab, (new_tokens,), generator=gen).tolist())
+                          for _ in range(2)]
         for repeat in range(args.judgment_only):
-            judge_row, bare_row = measure_judgment(model, tokenizer, sequences, device, 2048 if small else 16384)
+            judge_row, shared_row, bare_row = measure_judgment(model, tokenizer, sequences, device,
+                                                               2048 if small else 16384)
             print(f"  repeat {repeat}: judgment {judge_row.tokens_per_second:,.0f} tokens/s ({judge_row.seconds:.2f} s, "
                   f"{judge_row.peak_gib:.1f} GiB), bare forward {bare_row.tokens_per_second:,.0f} tokens/s "
-                  f"({bare_row.seconds:.2f} s): {judge_row.note}", flush=True)
+                  f"({bare_row.seconds:.2f} s): {judge_row.note}; share_prompts {shared_row.note}", flush=True)
         return
 
     old_prompts = random_prompts(args.prompts or 16, prompt_tokens, vocab)

@@ -105,6 +105,13 @@ class JudgeConfig(_Block):
     batch_tokens: int = Field(
         default=8192, gt=0, description="Padded tokens per judgment forward pass (sequences batched longest first)."
     )
+    share_prompts: bool = Field(
+        default=False,
+        description="Forward each prompt once for all of its answers, on its cached keys and values (CPU, 4-layer "
+        "bf16 QLoRA model: judgment 1.25x faster with 150-token prompts, 1.9x with 1,000). Exact up to float error, "
+        "but in half precision the judged log-probs then differ from DPO training's full forward by rounding "
+        "(~6e-5 of a sum), where a full forward batched differently can differ by none; off by default.",
+    )
     length_bias_warning: float = Field(
         default=0.8,
         ge=0.0,

@@ -9,7 +9,7 @@ import torch
 
 from ._logging import get_logger
 from .formatting import format_completion, format_preference_rows, tokenize_completion
-from .logprobs import completion_logps
+from .logprobs import completion_logps, shared_prompt_logps
 from .pairing import judge_pairs, valid_responses
 from .references import reference_context
 
@@ -19,20 +19,24 @@ JUDGED_FIELDS = ("completions", "policy_logps", "ref_logps", "rewards", "complet
                  "rejected_index", "probability", "margin")
 
 
-def score_sequences(model, tokenizer, sequences, reference=None, max_tokens=8192, max_length=None):
+def score_sequences(model, tokenizer, sequences, reference=None, max_tokens=8192, max_length=None,
+                    share_prompts=False):
     """Summed log-probs of each sequence under the policy and under the reference (see `reference_context`).
 
     Args:
         sequences: (prompt_ids, completion_ids) per response, as `tokenize_completion` returns them.
         max_tokens: padded tokens per forward pass.
+        share_prompts: forward each distinct prompt once for all of its answers (`judge.share_prompts`).
 
     Returns:
-        policy_logps: (N,); ref_logps: (N,); lengths: (N,) completion tokens; tokens forwarded (both models).
+        policy_logps: (N,); ref_logps: (N,); lengths: (N,) completion tokens; tokens scored (both models, each
+        answer counted with its prompt, as a full forward would process them).
     """
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    policy, lengths = completion_logps(model, sequences, pad_id, max_tokens, max_length=max_length)
+    score = shared_prompt_logps if share_prompts else completion_logps
+    policy, lengths = score(model, sequences, pad_id, max_tokens, max_length=max_length)
     with reference_context(model, reference) as ref_model:
-        ref, _ = completion_logps(ref_model, sequences, pad_id, max_tokens, max_length=max_length)
+        ref, _ = score(ref_model, sequences, pad_id, max_tokens, max_length=max_length)
     tokens = 2 * sum(min(len(p) + len(c), max_length or math.inf) for p, c in sequences)
     return policy, ref, lengths, tokens
 
@@ -67,7 +71,7 @@ def judge_responses(
     completions = [[format_completion(tokenizer, t) for t in responses[i]] for i in live]
     sequences = [tokenize_completion(tokenizer, prompts[i], c) for i, cs in zip(live, completions) for c in cs]
     policy, ref, lengths, tokens = score_sequences(
-        model, tokenizer, sequences, reference, judge_cfg.batch_tokens, max_length
+        model, tokenizer, sequences, reference, judge_cfg.batch_tokens, max_length, judge_cfg.share_prompts
     )
     policy, ref, lengths = (x.view(len(live), n) for x in (policy, ref, lengths))  # (P'*n,) -> (P', n)
     judged = judge_pairs(
@@ -91,7 +95,9 @@ def judge_responses(
     return rows, tokens
 
 
-def rescore_rows(model, tokenizer, rows: list[dict], max_tokens: int = 8192, max_length=None) -> list[list[float] | None]:
+def rescore_rows(
+    model, tokenizer, rows: list[dict], max_tokens: int = 8192, max_length=None, share_prompts: bool = False
+) -> list[list[float] | None]:
     """log-probs of each judged row's completions under `model` as it is now (e.g. pi_t after the round's training).
 
     Returns:
@@ -100,7 +106,8 @@ def rescore_rows(model, tokenizer, rows: list[dict], max_tokens: int = 8192, max
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     live = [i for i, row in enumerate(rows) if row.get("completions")]
     sequences = [tokenize_completion(tokenizer, rows[i]["prompt"], c) for i in live for c in rows[i]["completions"]]
-    logps, _ = completion_logps(model, sequences, pad_id, max_tokens, max_length=max_length)
+    score = shared_prompt_logps if share_prompts else completion_logps
+    logps, _ = score(model, sequences, pad_id, max_tokens, max_length=max_length)
     out, position = [None] * len(rows), 0
     for i in live:
         count = len(rows[i]["completions"])
@@ -142,7 +149,7 @@ def load_eval_pairs(entry: dict, tokenizer) -> list[dict]:
 
 def judge_accuracy(
     model, tokenizer, rows: list[dict], reference=None, max_tokens: int = 8192, length_normalize: bool = False,
-    max_length: int | None = None,
+    max_length: int | None = None, share_prompts: bool = False,
 ) -> float:
     """Share of human-labelled pairs whose chosen answer gets the strictly higher implicit reward (TRL's accuracy).
 
@@ -156,7 +163,9 @@ def judge_accuracy(
     if not rows:
         return 0.0
     sequences = [tokenize_completion(tokenizer, r["prompt"], r[k]) for r in rows for k in ("chosen", "rejected")]
-    policy, ref, lengths, _ = score_sequences(model, tokenizer, sequences, reference, max_tokens, max_length)
+    policy, ref, lengths, _ = score_sequences(
+        model, tokenizer, sequences, reference, max_tokens, max_length, share_prompts
+    )
     rewards = policy.double() - ref.double()
     if length_normalize:
         rewards = rewards / lengths.clamp(min=1)

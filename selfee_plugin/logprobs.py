@@ -152,6 +152,84 @@ def completion_logps(
     return logps, lengths
 
 
+@torch.no_grad()
+def shared_prompt_logps(
+    model,
+    sequences: list[tuple[list[int], list[int]]],
+    pad_token_id: int,
+    max_tokens: int = 8192,
+    max_length: int | None = None,
+    progress: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`completion_logps`, with each distinct prompt forwarded once for all of its completions.
+
+    The judge scores n answers of each prompt: forwarding the prompt once and its answers on the prompt's cached
+    keys and values skips n - 1 prompt forwards per prompt (n = 2, 150-token prompts, 300-token answers: 17% of the
+    tokens; 1,000-token prompts: 38%). Same tokens, positions and attention as the full forward, so the results agree
+    up to float error. Falls back to `completion_logps` when no prompt repeats, when a sequence would be truncated
+    at `max_length`, or when the model's attention is not plain causal (`generation.static_decode_supported`).
+
+    Returns:
+        logps: (N,) float32 summed log-probs; lengths: (N,) completion tokens scored.
+    """
+    from trl.trainer.utils import pad
+
+    from .generation import static_decode_supported
+
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (prompt, _) in enumerate(sequences):
+        groups.setdefault(tuple(prompt), []).append(i)
+    longest = max((len(p) + len(c) for p, c in sequences), default=0)
+    if (len(groups) == len(sequences) or (max_length is not None and longest > max_length)
+            or not static_decode_supported(model, longest)):
+        return completion_logps(model, sequences, pad_token_id, max_tokens, max_length=max_length, progress=progress)
+
+    device = next(model.parameters()).device
+    logps, lengths = torch.zeros(len(sequences)), torch.zeros(len(sequences), dtype=torch.long)
+    scored = []  # per batch, results left on the device: one sync at the end
+    with eval_mode(model):
+        for batch in tqdm(_group_batches(groups, sequences, max_tokens), desc="selfee judge", disable=not progress):
+            prompts = [torch.tensor(prompt) for prompt, _ in batch]
+            rows = [i for _, members in batch for i in members]
+            owner = _to_device(torch.tensor([g for g, (_, members) in enumerate(batch) for _ in members]), device)
+            # Prompts left-padded so that each one ends where its completions start.
+            prompt_ids = _to_device(pad(prompts, pad_token_id, "left"), device)
+            prompt_mask = _to_device(pad([torch.ones(len(p), dtype=torch.long) for p in prompts], 0, "left"), device)
+            out = model(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True, logits_to_keep=1,
+                        position_ids=(prompt_mask.cumsum(1) - 1).clamp(min=0))
+            first = out.logits[:, -1].float().log_softmax(-1)[owner]  # (R, V): predicts each completion's 1st token
+            cache = out.past_key_values
+            cache.batch_select_indices(owner)  # each prompt's keys and values, once per completion
+            del out
+            completions = [torch.tensor(sequences[i][1]) for i in rows]
+            ids = _to_device(pad(completions, pad_token_id, "right"), device)
+            mask = _to_device(pad([torch.ones(len(c), dtype=torch.long) for c in completions], 0, "right"), device)
+            positions = prompt_mask.sum(1)[owner, None] + torch.arange(ids.shape[1], device=device)
+            logits = model(input_ids=ids, attention_mask=torch.cat([prompt_mask[owner], mask], dim=1),
+                           position_ids=positions, past_key_values=cache, use_cache=True).logits
+            rest = sequence_logps(logits[:, :-1], ids[:, 1:], mask[:, 1:])
+            scored.append((rows, first.gather(-1, ids[:, :1])[:, 0] + rest, mask.sum(1)))
+            del logits, cache
+    for rows, batch_logps, batch_lengths in scored:
+        logps[rows], lengths[rows] = batch_logps.cpu(), batch_lengths.cpu()
+    return logps, lengths
+
+
+def _group_batches(groups: dict, sequences, max_tokens: int) -> list[list[tuple[tuple[int, ...], list[int]]]]:
+    """Prompt groups, longest first, batched so that rows x the longest prompt + completion stay within `max_tokens`
+    (a group larger than the budget gets a batch of its own)."""
+    size = {prompt: len(prompt) + max(len(sequences[i][1]) for i in members) for prompt, members in groups.items()}
+    batches, current, rows = [], [], 0
+    for prompt in sorted(groups, key=lambda p: -size[p]):
+        members = groups[prompt]
+        if current and (rows + len(members)) * size[current[0][0]] > max_tokens:
+            batches.append(current)
+            current, rows = [], 0
+        current.append((prompt, members))
+        rows += len(members)
+    return batches + [current] if current else batches
+
+
 def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     # From pinned memory the copy is asynchronous: the host goes on to queue the forward instead of waiting for it.
     if device.type == "cuda":

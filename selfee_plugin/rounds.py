@@ -372,7 +372,7 @@ class RoundRunner:
         mine = distributed.shard(list(range(len(rows))), distributed.rank(), distributed.world_size())
         scores = rescore_rows(
             self.trainer.accelerator.unwrap_model(self.model), self.trainer.processing_class, [rows[i] for i in mine],
-            self.selfee.judge.batch_tokens, self.trainer.args.max_length,
+            self.selfee.judge.batch_tokens, self.trainer.args.max_length, self.selfee.judge.share_prompts,
         )
         after = [None] * len(rows)
         for part in distributed.gather(list(zip(mine, scores))):
@@ -417,10 +417,13 @@ class RoundRunner:
         kl_init, kl_prev = [], []
         if sequences:
             budget, max_length = selfee.judge.batch_tokens, trainer.args.max_length
-            now, init, _, _ = score_sequences(model, tokenizer, sequences, self.judge_reference, budget, max_length)
+            share = selfee.judge.share_prompts
+            now, init, _, _ = score_sequences(model, tokenizer, sequences, self.judge_reference, budget, max_length,
+                                              share)
             kl_init = (now - init).tolist()
             if selfee.dpo_reference == "previous":  # the DPO reference (`ref` snapshot or frozen copy) is pi_{t-1}
-                _, prev, _, _ = score_sequences(model, tokenizer, sequences, dpo_reference(trainer), budget, max_length)
+                _, prev, _, _ = score_sequences(model, tokenizer, sequences, dpo_reference(trainer), budget,
+                                                max_length, share)
                 kl_prev = (now - prev).tolist()
         parts = distributed.gather((before, after, cut, kl_init, kl_prev))
         before, after, cut, kl_init, kl_prev = (sum(part, []) for part in zip(*parts))
@@ -452,7 +455,7 @@ class RoundRunner:
         accuracy = judge_accuracy(
             self.model, self.trainer.processing_class, rows, reference=self.judge_reference,
             max_tokens=self.selfee.judge.batch_tokens, length_normalize=self.selfee.judge.length_normalize,
-            max_length=self.trainer.args.max_length,
+            max_length=self.trainer.args.max_length, share_prompts=self.selfee.judge.share_prompts,
         )
         accuracy = distributed.weighted_mean(distributed.gather((accuracy, len(rows))))
         return {"selfee/judge_accuracy": accuracy, "selfee/judge_eval_pairs": len(self._eval_rows)}

@@ -145,3 +145,21 @@ def test_length_bias_warning(selfee_logs):
     assert "longer response" not in selfee_logs.text
 
 
+
+
+def test_judge_share_prompts_judges_the_same_pairs(tiny_model, tiny_tokenizer, tmp_path):
+    """`judge.share_prompts` (each prompt forwarded once for its answers): the same samples, log-probs within float
+    error, the same chosen/rejected answers."""
+    model = _lora(tiny_model, seed=0)
+    rows = {}
+    for share in (False, True):
+        path = str(tmp_path / f"share_{share}.jsonl")
+        annotate(model, tiny_tokenizer, _prompts(6), _selfee_cfg(share_prompts=share), BETA, path)
+        rows[share] = read_judged_rows(path)
+    assert [r["responses"] for r in rows[True]] == [r["responses"] for r in rows[False]]
+    for shared, full in zip(rows[True], rows[False]):
+        assert (shared["chosen_index"], shared["rejected_index"]) == (full["chosen_index"], full["rejected_index"])
+        for key in ("policy_logps", "ref_logps"):
+            if full[key] is not None:
+                assert shared[key] == pytest.approx(full[key], abs=1e-5)
+    assert any(r["chosen_index"] is not None for r in rows[True])

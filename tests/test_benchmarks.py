@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PHASES = ["generation, batch 1", "generation, batch_size auto", "generation, merged", "judgment", "bare forward",
+PHASES = ["generation, batch 1", "generation, batch_size auto", "generation, merged", "judgment (", "judgment, judge.share_prompts",
+          "bare forward",
           "DPO step, judged reference columns", "DPO step, online reference forward"]
 
 
@@ -37,4 +38,4 @@ def test_gpu_throughput_judgment_only_prints_each_repeat():
                            "--judgment-only", "2"], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     repeats = [line for line in proc.stdout.splitlines() if line.strip().startswith("repeat")]
-    assert len(repeats) == 2 and all("x the bare forward" in line for line in repeats)
+    assert len(repeats) == 2 and all("x the bare forward; share_prompts" in line for line in repeats)
