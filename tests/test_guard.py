@@ -203,7 +203,9 @@ def test_a_firing_guard_under_full_fine_tuning_restores_the_whole_model(tiny_mod
     from safetensors.torch import load_file
 
     out = tmp_path / "out"
-    cfg = _tiny_rounds_cfg(tiny_model_dir, tiny_data_dir, out, guard={"probe_prompts": 4, "min_chosen_drift": 100.0})
+    # judge.share_prompts too: its judging, re-scoring and probe run through a round of the real CLI here.
+    cfg = _tiny_rounds_cfg(tiny_model_dir, tiny_data_dir, out, guard={"probe_prompts": 4, "min_chosen_drift": 100.0},
+                           judge={"batch_tokens": 256, "share_prompts": True})
     for key in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_linear"):
         cfg.pop(key)
     cfg.update(adapter=None, learning_rate=1e-4)
