@@ -5,7 +5,7 @@ does not share the policy's tokenizer, and resume."""
 from __future__ import annotations
 
 from ._logging import get_logger
-from .formatting import DUMMY_USER_MESSAGE, format_preference_rows, format_prompt
+from .formatting import DUMMY_USER_MESSAGE, format_prompt, preference_formatter
 
 LOG = get_logger(__name__)
 
@@ -53,10 +53,14 @@ def check_seed_datasets(cfg, tokenizer) -> list[list[dict]]:
             rows = list(load_dataset_with_config(DictDefault({"split": "train", **entry}), use_auth_token=False))
         except Exception as error:
             raise ValueError(describe_load_error(key, str(path), error)) from error
+        try:
+            formatter = preference_formatter(tokenizer, kind, entry)
+        except ValueError as error:
+            raise ValueError(f"{key} ({path}): {error}") from error
         out, bad = [], []
         for row_idx, row in enumerate(rows):
             try:
-                (formatted_row,) = format_preference_rows([row], tokenizer, kind, entry)
+                formatted_row = formatter(row)
             except Exception as error:
                 raise ValueError(
                     f"{key} ({path}) row {row_idx} cannot be formatted with type {kind}: {type(error).__name__}: "

@@ -36,13 +36,10 @@ def format_completion(tokenizer, content: str) -> str:
     return rendered[start:].rstrip()
 
 
-def format_preference_rows(
-    rows: list[dict], tokenizer, strategy: str = "chat_template.default", ds_cfg: dict | None = None
-) -> list[dict]:
-    """Format raw preference rows into prompt/chosen/rejected strings with one of Axolotl's own DPO strategies.
+def preference_formatter(tokenizer, strategy: str = "chat_template.default", ds_cfg: dict | None = None):
+    """One of Axolotl's own DPO strategies as a function: raw preference row -> prompt/chosen/rejected strings.
 
     Args:
-        rows: raw dataset rows, e.g. messages/chosen/rejected for `chat_template.default`.
         strategy: an Axolotl DPO `type:` (`chat_template.default`, `chatml.intel`, ...).
         ds_cfg: the dataset entry's options (`field_messages`, `roles`, ...), as in Axolotl's `datasets:`.
 
@@ -60,7 +57,16 @@ def format_preference_rows(
         raise ValueError(f"{strategy!r} is not an Axolotl DPO dataset type (see the warning above for why).")
     transform = transform[0] if isinstance(transform, tuple) else transform
     kwargs = {"tokenizer": tokenizer} if "tokenizer" in inspect.signature(transform).parameters else {}
-    return [transform(dict(row), **kwargs) for row in rows]
+    return lambda row: transform(dict(row), **kwargs)
+
+
+def format_preference_rows(
+    rows: list[dict], tokenizer, strategy: str = "chat_template.default", ds_cfg: dict | None = None
+) -> list[dict]:
+    """Format raw preference rows (e.g. messages/chosen/rejected for `chat_template.default`) into prompt/chosen/
+    rejected strings with one of Axolotl's own DPO strategies (see `preference_formatter`)."""
+    formatter = preference_formatter(tokenizer, strategy, ds_cfg)
+    return [formatter(row) for row in rows]
 
 
 def tokenize_prompt(tokenizer, prompt: str) -> list[int]:

@@ -87,6 +87,8 @@ CASES = [
     ("seed-empty-chosen", lambda t, c: c["datasets"][0].update(path=_write(
         t / "seed_bad.jsonl", _seed_row() + _seed_row(chosen="") + _seed_row(rejected=""))),
      [r"datasets\[0\]", "seed_bad.jsonl", "row 1: `chosen` is empty", "row 2: `rejected` is empty"]),
+    ("seed-unknown-type", lambda t, c: c["datasets"][0].update(type="chat_template.nonexistent"),
+     [r"datasets\[0\]", "seed.jsonl", "not an Axolotl DPO dataset type"]),
 ]
 
 
