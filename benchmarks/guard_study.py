@@ -152,6 +152,47 @@ def report(rows: list[dict]) -> None:
     rule_evidence(rows)
 
 
+def round_zero(out: str, tasks: list[str], lrs: list[float], seeds: list[int], eval_seeds: list[int]) -> None:
+    """Would the guard's rules judge round 0 (seed DPO) well? Round 0's policy against the SFT model it started from,
+    on the seed pairs: the drift signals, computed by the plugin's own code, and the guard's verdict, beside the gold
+    change. Reads the `guard` runs under `out`; trains nothing."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from selfee_plugin.args import GuardConfig
+    from selfee_plugin.diagnostics import post_round_signals
+    from selfee_plugin.formatting import format_preference_rows, tokenize_completion
+    from selfee_plugin.guard import verdict
+    from selfee_plugin.logprobs import completion_logps
+
+    print("\n| task | lr | seed | drift chosen/token | drift rejected/token | drift ratio | guard would | "
+          "round 0 - SFT gold (+- 2 SE) |\n|---|---|---|---|---|---|---|---|")
+    for task in tasks:
+        paths = {k: os.path.abspath(v) for k, v in build_demo(data_dir_for("demo_output", task), task=task).items()}
+        tokenizer = AutoTokenizer.from_pretrained(paths["sft_model"])
+        sft = AutoModelForCausalLM.from_pretrained(paths["sft_model"])
+        pairs = format_preference_rows([json.loads(line) for line in open(paths["seed"])], tokenizer)
+        sequences = [tokenize_completion(tokenizer, r["prompt"], r[k]) for r in pairs for k in ("chosen", "rejected")]
+        before, lengths = completion_logps(sft, sequences, tokenizer.pad_token_id)
+        eval_set = load_eval_set(paths["eval_prompts"])
+        sft_golds = [evaluate_policy(sft, tokenizer, *eval_set, seed=s)["gold_mean"] for s in eval_seeds]
+        rows = [{"policy_logps": before[i:i + 2].tolist(), "ref_logps": before[i:i + 2].tolist(), "chosen_index": 0,
+                 "rejected_index": 1, "completion_lengths": lengths[i:i + 2].tolist()}
+                for i in range(0, len(sequences), 2)]
+        for lr in lrs:
+            for seed in seeds:
+                adapter = Path(out) / task / f"guard_lr{lr:g}_seed{seed}" / "selfee" / "round_0" / "adapter"
+                model, _ = load_policy(str(adapter), base_model=paths["sft_model"])
+                after, _ = completion_logps(model, sequences, tokenizer.pad_token_id)
+                signals = post_round_signals(rows, [after[i:i + 2].tolist() for i in range(0, len(sequences), 2)])
+                golds, _ = gold(paths, str(adapter), eval_seeds, eval_set)
+                change, noise = paired_change(golds, sft_golds)
+                fires = "fire" if verdict(signals, {}, GuardConfig()) else "pass"
+                print(f"| {task} | {lr:g} | {seed} | {signals['selfee/logps_drift_chosen_per_token']:+.3f} | "
+                      f"{signals['selfee/logps_drift_rejected_per_token']:+.3f} | "
+                      f"{fmt(signals.get('selfee/logps_drift_ratio'), '.1f')} | {fires} | {change:+.3f} +- {noise:.3f} |",
+                      flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", default=["fixed", "variable"], choices=["fixed", "variable"])
@@ -163,7 +204,12 @@ def main() -> None:
                         help="sampling seeds of the gold evaluation (each: 200 prompts x 2 samples)")
     parser.add_argument("--json", default=None, help="write every row here")
     parser.add_argument("--from-json", nargs="+", default=None, help="report the rows of earlier --json files; run nothing")
+    parser.add_argument("--round-zero", action="store_true",
+                        help="judge the `guard` runs' round 0 against the SFT model with the guard's rules; train nothing")
     args = parser.parse_args()
+    if args.round_zero:
+        round_zero(args.out, args.tasks, args.lrs, args.seeds, args.eval_seeds)
+        return
     if args.from_json:
         report([row for path in args.from_json for row in json.loads(Path(path).read_text())])
         return
