@@ -2,8 +2,8 @@
 
 The rule (`selfee.guard`, chosen from the sweep in `benchmarks/README.md` "Round guard"): a round is harmful when
     - the policy's log-probs on the round's own chosen answers fell during the round (per token, below
-      `min_chosen_drift`): DPO pushing every answer down, likelihood displacement, preceded every round that lowered
-      gold on the demo, while every round that raised it moved them up;
+      `min_chosen_drift`): DPO pushing every answer down, likelihood displacement; in the guard study all 30
+      self-annotation attempts that had them fall lost gold (round 0 at a high rate is a counterexample: below);
     - or they rose, but the rejected answers' log-probs fell more than `max_drift_ratio` times as far (per token): the
       margin won by pushing answers down rather than pulling the chosen ones up, the step before displacement. In the
       guard study every round with a ratio <= 2.0 raised gold (22 rounds, both tasks, lr 1e-4 and 5e-4) and none of
@@ -15,6 +15,10 @@ The rule (`selfee.guard`, chosen from the sweep in `benchmarks/README.md` "Round
 A fired round is restored to pi_{t-1} (the rejected policy is kept under `round_<t>/rejected/attempt_<k>/`) and
 retried once on the same judged pairs at `lr_scale` x the learning rate, with length-balanced pairs too when the
 judge leaned to longer answers. If the retry fires too, the loop stops; the final model is the last good round's.
+
+Round 0 (seed DPO) is not guarded: judged offline by these rules, 3 seed rounds at lr 2e-3 that raised gold by ~0.1
+would have fired (`benchmarks/guard_study.py --round-zero`), so the drift rules are evidence about self-annotation
+rounds, not a law of DPO.
 """
 
 from __future__ import annotations
