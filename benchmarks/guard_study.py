@@ -2,7 +2,7 @@
 
 Each run is the demo (seed round + rounds of 400 and 800 prompts, LoRA, through `axolotl train`) with a `selfee:`
 variant: `guard` (the defaults: guard on), `off` (guard off: what it would have done is logged), or `labels` (guard
-on + `selfee.labels` at K = 5% of each round's pairs, labelled by the demo's gold score, `selfee_demo.task:gold_label`).
+on + `selfee.labels` at K = 5% of each round's prompts, labelled by the demo's gold score, `selfee_demo.task:gold_label`).
 Every policy is scored with the gold score over 200 held-out prompts x 2 samples, once per evaluation seed
 (`--eval-seeds`, the same for every policy so differences are paired): each finished round's, each attempt the guard
 rejected (`round_<t>/rejected/attempt_<k>/`), and the final one (the last finished round). A final policy counts as
@@ -11,9 +11,11 @@ evaluation noise, measured rather than assumed.
 
     python benchmarks/guard_study.py --tasks fixed variable --lrs 1e-4 5e-4 2e-3 --seeds 0 1 2
     python benchmarks/guard_study.py --tasks variable --lrs 5e-4 --variants labels
+    python benchmarks/guard_study.py --from-json a.json b.json     # the tables again, from saved rows
+    python benchmarks/guard_study.py --round-zero                  # round 0 judged offline by the same rules
 
 It prints one line per round and per rejected attempt, then per (task, lr, variant) the final gold minus round 0's
-over seeds; `--json` keeps every row.
+over seeds, and what each drift signal said about the rounds it was measured on; `--json` keeps every row.
 """
 
 from __future__ import annotations
