@@ -39,7 +39,8 @@ def round_dir(root: Path, round_idx: int) -> Path:
 
 
 def policy_dir(root: Path, round_idx: int, peft: bool) -> Path:
-    return round_dir(root, round_idx) / ("adapter" if peft else "model")
+    """Where round `round_idx` keeps its policy; a path only (asking whether one exists creates nothing)."""
+    return root / f"round_{round_idx}" / ("adapter" if peft else "model")
 
 
 def write_json(path: Path, data) -> None:

@@ -295,3 +295,32 @@ def test_preprocess_has_nothing_to_prepare(sft_model_dir, tiny_model_dir, tiny_d
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-3000:]
     assert "selfee: no seed pairs (`datasets:` is absent): nothing to preprocess" in output
+
+
+@pytest.mark.e2e
+def test_a_firing_guard_without_seed_or_adapter_restores_the_starting_model(sft_model_dir, tiny_model_dir,
+                                                                             tiny_data_dir, tmp_path):
+    """No seed round and full fine-tuning: no earlier round's model on disk to restore, so the guard restores the
+    in-memory copy of the whole starting model. The model Axolotl saves equals the SFT model it started from."""
+    from conftest import run_axolotl_train
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "out"
+    cfg = _no_seed_cfg(sft_model_dir, tiny_model_dir, tiny_data_dir, out)
+    cfg["learning_rate"] = 1e-4
+    cfg["selfee"]["guard"] = {"probe_prompts": 3, "min_chosen_drift": 100.0}  # a rule no round passes
+    for key in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_linear"):
+        cfg.pop(key)
+    cfg["adapter"] = None
+    proc = run_axolotl_train(cfg, tmp_path)
+    assert "the round guard stopped the loop at round 1" in proc.output
+    root = out / "selfee"
+    assert not (root / "round_0").exists() and not (root / "round_1" / "model").exists()
+    start = AutoModelForCausalLM.from_pretrained(sft_model_dir, dtype=torch.float32).state_dict()
+    final = load_file(str(out / "model.safetensors"))
+    rejected = load_file(str(root / "round_1" / "rejected" / "attempt_1" / "model" / "model.safetensors"))
+    assert final.keys() <= start.keys() and len(final) > 10
+    for name in final:
+        assert torch.equal(final[name], start[name]), name
+    assert any(not torch.equal(rejected[name], start[name]) for name in final)
