@@ -116,12 +116,9 @@ def completion_logps(
     from trl.trainer.utils import pad
 
     device = next(model.parameters()).device
-    logps, lengths = torch.zeros(len(sequences)), torch.zeros(len(sequences), dtype=torch.long)
-    if not sequences:
-        return logps, lengths
     sizes = [min(len(p) + len(c), max_length or len(p) + len(c)) for p, c in sequences]
     batches = token_budget_batches(sizes, max_tokens)
-    scored = []  # per batch, results left on the device: one sync at the end, not one per batch
+    scored = []
     with eval_mode(model):
         for batch in tqdm(batches, desc="selfee judge", disable=not progress):
             ids = [sequences[i][0] + sequences[i][1] for i in batch]
@@ -147,9 +144,7 @@ def completion_logps(
             mask = completion_mask[:, start + 1 :]
             scored.append((batch, sequence_logps(logits, input_ids[:, start + 1 :], mask), mask.sum(1)))
             del logits
-    for batch, batch_logps, batch_lengths in scored:
-        logps[batch], lengths[batch] = batch_logps.cpu(), batch_lengths.cpu()
-    return logps, lengths
+    return _collect(scored, len(sequences))
 
 
 @torch.no_grad()
@@ -185,8 +180,7 @@ def shared_prompt_logps(
         return completion_logps(model, sequences, pad_token_id, max_tokens, max_length=max_length, progress=progress)
 
     device = next(model.parameters()).device
-    logps, lengths = torch.zeros(len(sequences)), torch.zeros(len(sequences), dtype=torch.long)
-    scored = []  # per batch, results left on the device: one sync at the end
+    scored = []
     with eval_mode(model):
         for batch in tqdm(_group_batches(groups, sequences, max_tokens), desc="selfee judge", disable=not progress):
             prompts = [torch.tensor(prompt) for prompt, _ in batch]
@@ -197,7 +191,7 @@ def shared_prompt_logps(
             prompt_mask = _to_device(pad([torch.ones(len(p), dtype=torch.long) for p in prompts], 0, "left"), device)
             out = model(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True, logits_to_keep=1,
                         position_ids=(prompt_mask.cumsum(1) - 1).clamp(min=0))
-            first = out.logits[:, -1].float().log_softmax(-1)[owner]  # (R, V): predicts each completion's 1st token
+            first = out.logits[:, -1].float().log_softmax(-1)  # (G, V): predicts each completion's first token
             cache = out.past_key_values
             cache.batch_select_indices(owner)  # each prompt's keys and values, once per completion
             del out
@@ -208,10 +202,17 @@ def shared_prompt_logps(
             logits = model(input_ids=ids, attention_mask=torch.cat([prompt_mask[owner], mask], dim=1),
                            position_ids=positions, past_key_values=cache, use_cache=True).logits
             rest = sequence_logps(logits[:, :-1], ids[:, 1:], mask[:, 1:])
-            scored.append((rows, first.gather(-1, ids[:, :1])[:, 0] + rest, mask.sum(1)))
+            scored.append((rows, first[owner, ids[:, 0]] + rest, mask.sum(1)))
             del logits, cache
-    for rows, batch_logps, batch_lengths in scored:
-        logps[rows], lengths[rows] = batch_logps.cpu(), batch_lengths.cpu()
+    return _collect(scored, len(sequences))
+
+
+def _collect(scored: list, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logps, lengths) of `count` sequences from per-batch `(indices, logps, lengths)` still on the device: the
+    batches were queued without waiting, and the host syncs once, here."""
+    logps, lengths = torch.zeros(count), torch.zeros(count, dtype=torch.long)
+    for indices, batch_logps, batch_lengths in scored:
+        logps[indices], lengths[indices] = batch_logps.cpu(), batch_lengths.cpu()
     return logps, lengths
 
 
