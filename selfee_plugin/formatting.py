@@ -10,6 +10,11 @@ LOG = get_logger(__name__)
 DUMMY_USER_MESSAGE = {"role": "user", "content": "[[dummy_message]]"}
 
 
+def pad_token_id(tokenizer) -> int:
+    """The id batches are padded with: the tokenizer's pad token, else its EOS (many chat models define no pad)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def format_prompt(tokenizer, messages: list[dict]) -> str:
     """Render the prompt turns with the generation prompt, as Axolotl's `chat_template.default` DPO strategy does."""
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
