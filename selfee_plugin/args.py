@@ -13,6 +13,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".arrow", ".txt")
 REFINE_LOSS_TYPES = {"sigmoid", "sft"}
+# `generation.batch_size: auto`: sequences per batch on CPU (amortises per-step overhead, small enough for RAM), and
+# the most on an accelerator (a decode step reads every weight once whatever the batch; larger was not measured).
+CPU_AUTO_SEQUENCES = 64
+AUTO_MAX_SEQUENCES = 256
+# `judge.eval_pairs: auto`: the share of the seed pairs held out of round 0 to measure the judge each round.
+AUTO_EVAL_SHARE = 0.1
 
 
 def _missing_local_path(path: str, is_file_type: bool = False) -> bool:
@@ -61,8 +67,8 @@ class GenerationConfig(_Block):
     batch_size: int | Literal["auto"] = Field(
         default="auto",
         description="Prompts per generate() call. `auto`: on an accelerator the most whose KV cache and sampling "
-        "buffers fit the free memory with a margin (at most 256 sequences), on CPU 64 sequences. An out-of-memory "
-        "error halves it and retries the same prompts.",
+        f"buffers fit the free memory with a margin (at most {AUTO_MAX_SEQUENCES} sequences), on CPU "
+        f"{CPU_AUTO_SEQUENCES} sequences. An out-of-memory error halves it and retries the same prompts.",
     )
     chunk_size: int = Field(
         default=512, gt=0, description="Prompts generated and judged per resumable chunk: each chunk's rows are "
@@ -100,7 +106,7 @@ class JudgeConfig(_Block):
     eval_pairs: dict[str, Any] | Literal["auto"] | None = Field(
         default=None,
         description="Held-out human-labelled pairs (an Axolotl DPO dataset entry) to measure judge accuracy "
-        "each round; `auto`: hold out 10% of the seed pairs (not trained on) for it.",
+        f"each round; `auto`: hold out {AUTO_EVAL_SHARE:.0%} of the seed pairs (not trained on) for it.",
     )
     batch_tokens: int = Field(
         default=8192, gt=0, description="Padded tokens per judgment forward pass (sequences batched longest first)."

@@ -5,7 +5,7 @@ from __future__ import annotations
 from axolotl.integrations.base import BasePlugin
 
 from ._logging import get_logger
-from .args import parse_selfee
+from .args import AUTO_EVAL_SHARE, parse_selfee
 
 LOG = get_logger(__name__)
 
@@ -13,8 +13,6 @@ NO_SEED_COLUMNS = {"prompt": [], "chosen": [], "rejected": []}
 # TRL 1.9's DPOTrainer.__init__ reads the first row of its train_dataset (`next(iter(...))`, to detect the format),
 # so with no seed pairs it is built on this one row and then given the empty seed set; the row is never trained on.
 FORMAT_PROBE_ROW = {"prompt": ["x"], "chosen": ["y"], "rejected": ["z"]}
-# `judge.eval_pairs: auto`: the share of the seed pairs held out of round 0 to measure the judge each round.
-AUTO_EVAL_SHARE = 0.1
 
 
 class SelfeePlugin(BasePlugin):
