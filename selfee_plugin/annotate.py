@@ -1,4 +1,5 @@
-"""Self-annotation of a round's prompts: generate, judge, persist as JSON Lines in resumable chunks, and measure."""
+"""Self-annotation of a round's prompts: generate, judge, persist as JSON Lines in resumable chunks, shard over
+processes, and measure."""
 
 from __future__ import annotations
 
@@ -6,14 +7,18 @@ import os
 import time
 import zlib
 from collections import Counter
+from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from . import distributed
+from . import metric_keys as keys
 from ._logging import get_logger
-from .artifacts import append_rows, read_judged_rows, repair_tail
+from .artifacts import append_rows, merge_pairs_parts, pairs_part_path, read_judged_rows, read_round_rows, repair_tail
 from .diagnostics import summarize_judged_rows
 from .generation import make_sampler
 from .judge import judge_responses, unjudged_row
+from .logprobs import Scorer
 
 LOG = get_logger(__name__)
 
@@ -69,6 +74,7 @@ def annotate(
     if done:
         LOG.info(f"selfee: resuming {out_path}: {len(done)} prompt(s) already judged, {len(todo)} to go")
     sampler = make_sampler(model, tokenizer, gen_cfg)
+    scorer = Scorer.for_run(tokenizer, judge_cfg, max_length)
     seconds_gen = seconds_judge = 0.0
     gen_tokens = judge_tokens = 0
     batch_prompts = 0
@@ -84,7 +90,7 @@ def annotate(
             live = [i for i in range(len(chunk)) if i not in gens.skipped]
             judged, tokens = judge_responses(
                 model, tokenizer, [gens.prompts[i] for i in live], [gens.responses[i] for i in live], judge_cfg,
-                beta, reference, seed_k, max_length,
+                beta, scorer, reference, seed_k,
             )
             seconds_judge, judge_tokens = seconds_judge + time.perf_counter() - start, judge_tokens + tokens
             judged_by_index = dict(zip(live, judged))
@@ -98,11 +104,49 @@ def annotate(
             bar.update(len(chunk))
     metrics = summarize_judged_rows(read_judged_rows(out_path), judge_cfg.length_bias_warning) if summarize else {}
     metrics.update({
-        "selfee/prompts_resumed": float(len(done)),
-        "selfee/seconds_generate": seconds_gen,
-        "selfee/seconds_judge": seconds_judge,
-        "selfee/generation_tokens_per_second": gen_tokens / seconds_gen if seconds_gen else 0.0,
-        "selfee/judge_tokens_per_second": judge_tokens / seconds_judge if seconds_judge else 0.0,
-        "selfee/generation_batch_prompts": float(batch_prompts),
+        keys.PROMPTS_RESUMED: float(len(done)),
+        keys.SECONDS_GENERATE: seconds_gen,
+        keys.SECONDS_JUDGE: seconds_judge,
+        keys.GENERATION_TOKENS_PER_SECOND: gen_tokens / seconds_gen if seconds_gen else 0.0,
+        keys.JUDGE_TOKENS_PER_SECOND: judge_tokens / seconds_judge if seconds_judge else 0.0,
+        keys.GENERATION_BATCH_PROMPTS: float(batch_prompts),
     })
     return metrics
+
+
+def annotate_round(model, tokenizer, prompts, selfee_cfg, beta: float, pairs_path: Path, reference=None,
+                   seed: int = 0, max_length: int | None = None) -> tuple[dict, list[dict]]:
+    """`annotate` a round's prompts not judged yet, sharded over the processes; rank 0 merges the rows.
+
+    Rank 0 reads which prompts every file of the round already holds (written by any earlier run, with any number
+    of processes) and broadcasts their ids, so all ranks deal the same remaining list; rank r takes every world-th
+    prompt of it (`distributed.shard`). A prompt is judged once, by one rank, whatever the world size.
+
+    Returns:
+        metrics: `summarize_judged_rows` over the merged file, the ranks' timings and `PROMPTS_ANNOTATED` reduced
+            (`distributed.REDUCTIONS`), `PROMPTS_RESUMED` and `WORLD_SIZE`;
+        rows: the merged file's judged rows. Both the same on every rank.
+    """
+    world, rank = distributed.world_size(), distributed.rank()
+    order = [str(pid) for pid, _ in prompts]
+    done = distributed.broadcast(
+        {row["prompt_id"] for row in read_round_rows(pairs_path)} & set(order) if distributed.is_main() else None
+    )
+    todo = [(str(pid), messages) for pid, messages in prompts if str(pid) not in done]
+    if world > 1:
+        LOG.info(f"selfee: {len(todo)} prompt(s) to judge, sharded over {world} processes")
+    mine = distributed.shard(todo, rank, world)
+    out_path = pairs_path if world == 1 else pairs_part_path(pairs_path, rank)
+    local = annotate(model, tokenizer, mine, selfee_cfg, beta, str(out_path), reference, seed, max_length,
+                     summarize=False)
+    local[keys.PROMPTS_ANNOTATED] = float(len(mine))
+    per_rank = distributed.gather(local)  # returns once every rank has written its rows
+    if distributed.is_main():
+        merge_pairs_parts(pairs_path, order)  # also folds in part files left by an interrupted run
+    distributed.barrier()
+    rows = read_judged_rows(pairs_path)
+    metrics = summarize_judged_rows(rows, selfee_cfg.judge.length_bias_warning)
+    metrics.update(distributed.reduce_metrics(per_rank))
+    metrics[keys.PROMPTS_RESUMED] = float(len(done))
+    metrics[keys.WORLD_SIZE] = float(world)
+    return metrics, rows

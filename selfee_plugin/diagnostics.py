@@ -6,6 +6,7 @@ from collections import Counter
 
 import torch
 
+from . import metric_keys as keys
 from ._logging import get_logger
 from .artifacts import SKIP_REASONS
 
@@ -34,19 +35,19 @@ def summarize_judged_rows(rows: list[dict], length_bias_warning: float | None = 
     answers = [t for r in rows for t in (r.get("responses") or []) if t]
     finished = [x for r in rows for x in (r.get("finished") or [])]
     metrics = {
-        "selfee/prompts_judged": float(len(rows)),
-        "selfee/pairs": float(len(pairs)),
-        **{f"selfee/skipped_{reason}": float(skips[reason]) for reason in SKIP_REASONS},
-        "selfee/margin_mean": margins.mean().item() if len(pairs) else 0.0,
-        "selfee/margin_std": margins.std().item() if len(pairs) > 1 else 0.0,
-        "selfee/preference_probability_mean": _mean([r["probability"] for r in pairs]),
-        "selfee/chosen_length_mean": _mean(chosen_len),
-        "selfee/rejected_length_mean": _mean(rejected_len),
-        "selfee/response_length_mean": _mean([x for r in rows for x in (r.get("completion_lengths") or [])]),
-        "selfee/unequal_length_pairs": float(len(unequal)),
-        "selfee/longer_chosen_fraction": longer,
-        "selfee/truncated_fraction": _mean([float(not x) for x in finished]),
-        "selfee/distinct_2": distinct_n(answers, 2),
+        keys.PROMPTS_JUDGED: float(len(rows)),
+        keys.PAIRS: float(len(pairs)),
+        **{keys.skipped(reason): float(skips[reason]) for reason in SKIP_REASONS},
+        keys.MARGIN_MEAN: margins.mean().item() if len(pairs) else 0.0,
+        keys.MARGIN_STD: margins.std().item() if len(pairs) > 1 else 0.0,
+        keys.PREFERENCE_PROBABILITY_MEAN: _mean([r["probability"] for r in pairs]),
+        keys.CHOSEN_LENGTH_MEAN: _mean(chosen_len),
+        keys.REJECTED_LENGTH_MEAN: _mean(rejected_len),
+        keys.RESPONSE_LENGTH_MEAN: _mean([x for r in rows for x in (r.get("completion_lengths") or [])]),
+        keys.UNEQUAL_LENGTH_PAIRS: float(len(unequal)),
+        keys.LONGER_CHOSEN_FRACTION: longer,
+        keys.TRUNCATED_FRACTION: _mean([float(not x) for x in finished]),
+        keys.DISTINCT_2: distinct_n(answers, 2),
     }
     if length_bias_warning is not None and unequal and longer > length_bias_warning:
         LOG.warning(
@@ -95,12 +96,12 @@ def post_round_signals(rows: list[dict], after: list[list[float] | None]) -> dic
     per_token_w = sum(drift_w) / max(sum(tokens_w), 1)
     per_token_l = sum(drift_l) / max(sum(tokens_l), 1)
     return {
-        "selfee/logps_drift_chosen": _mean(drift_w),
-        "selfee/logps_drift_rejected": _mean(drift_l),
-        "selfee/logps_drift_chosen_per_token": per_token_w,
-        "selfee/logps_drift_rejected_per_token": per_token_l,
-        "selfee/kl_previous": _mean(kl),
-        "selfee/judge_agreement_after": _mean(agree),
-        "selfee/reward_after_mean": _mean(rewards),
-        **({"selfee/logps_drift_ratio": -per_token_l / per_token_w} if per_token_w > 0 > per_token_l else {}),
+        keys.DRIFT_CHOSEN: _mean(drift_w),
+        keys.DRIFT_REJECTED: _mean(drift_l),
+        keys.DRIFT_CHOSEN_PER_TOKEN: per_token_w,
+        keys.DRIFT_REJECTED_PER_TOKEN: per_token_l,
+        keys.KL_PREVIOUS: _mean(kl),
+        keys.JUDGE_AGREEMENT_AFTER: _mean(agree),
+        keys.REWARD_AFTER_MEAN: _mean(rewards),
+        **({keys.DRIFT_RATIO: -per_token_l / per_token_w} if per_token_w > 0 > per_token_l else {}),
     }

@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence, TypeVar
 
 import torch.distributed as dist
 
+from . import metric_keys as keys
 from ._logging import get_logger
 
 LOG = get_logger(__name__)
@@ -31,12 +32,12 @@ WORKING_SETUPS = (
 # their rates add up. Batch: the smallest size a rank actually used (0 = the rank had no prompt to generate).
 # Prompts generated and judged by this run: each rank's shard, so the sum counts a prompt judged twice twice.
 REDUCTIONS: dict[str, str] = {
-    "selfee/prompts_annotated": "sum",
-    "selfee/seconds_generate": "max",
-    "selfee/seconds_judge": "max",
-    "selfee/generation_tokens_per_second": "sum",
-    "selfee/judge_tokens_per_second": "sum",
-    "selfee/generation_batch_prompts": "min_positive",
+    keys.PROMPTS_ANNOTATED: "sum",
+    keys.SECONDS_GENERATE: "max",
+    keys.SECONDS_JUDGE: "max",
+    keys.GENERATION_TOKENS_PER_SECOND: "sum",
+    keys.JUDGE_TOKENS_PER_SECOND: "sum",
+    keys.GENERATION_BATCH_PROMPTS: "min_positive",
 }
 
 

@@ -8,8 +8,9 @@ import math
 import torch
 
 from ._logging import get_logger
+from .artifacts import REWARD_TIE
 from .formatting import format_completion, format_preference_rows, tokenize_completion
-from .logprobs import completion_logps, shared_prompt_logps
+from .logprobs import Scorer
 from .pairing import judge_pairs, valid_responses
 from .references import reference_context
 
@@ -19,25 +20,21 @@ JUDGED_FIELDS = ("completions", "policy_logps", "ref_logps", "rewards", "complet
                  "rejected_index", "probability", "margin")
 
 
-def score_sequences(model, tokenizer, sequences, reference=None, max_tokens=8192, max_length=None,
-                    share_prompts=False):
+def score_sequences(model, sequences, scorer: Scorer, reference=None):
     """Summed log-probs of each sequence under the policy and under the reference (see `reference_context`).
 
     Args:
         sequences: (prompt_ids, completion_ids) per response, as `tokenize_completion` returns them.
-        max_tokens: padded tokens per forward pass.
-        share_prompts: forward each distinct prompt once for all of its answers (`judge.share_prompts`).
+        scorer: how log-probs are computed (`logprobs.Scorer`).
 
     Returns:
         policy_logps: (N,); ref_logps: (N,); lengths: (N,) completion tokens; tokens scored (both models, each
         answer counted with its prompt, as a full forward would process them).
     """
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    score = shared_prompt_logps if share_prompts else completion_logps
-    policy, lengths = score(model, sequences, pad_id, max_tokens, max_length=max_length)
+    policy, lengths = scorer(model, sequences)
     with reference_context(model, reference) as ref_model:
-        ref, _ = score(ref_model, sequences, pad_id, max_tokens, max_length=max_length)
-    tokens = 2 * sum(min(len(p) + len(c), max_length or math.inf) for p, c in sequences)
+        ref, _ = scorer(ref_model, sequences)
+    tokens = 2 * sum(min(len(p) + len(c), scorer.max_length or math.inf) for p, c in sequences)
     return policy, ref, lengths, tokens
 
 
@@ -46,9 +43,8 @@ def unjudged_row(reason: str | None) -> dict:
     return {"skip_reason": reason, **dict.fromkeys(JUDGED_FIELDS)}
 
 
-def judge_responses(
-    model, tokenizer, prompts, responses, judge_cfg, beta, reference=None, seed=0, max_length=None
-) -> tuple[list[dict], int]:
+def judge_responses(model, tokenizer, prompts, responses, judge_cfg, beta, scorer: Scorer, reference=None,
+                    seed=0) -> tuple[list[dict], int]:
     """Judge the sampled answers of each prompt (skip reasons, log-probs, rewards, chosen/rejected, probability).
 
     Args:
@@ -56,6 +52,7 @@ def judge_responses(
         responses: per prompt, n decoded answers.
         judge_cfg: `selfee.judge` (`JudgeConfig`).
         beta: the DPO temperature.
+        scorer: how log-probs are computed (`logprobs.Scorer`).
         reference: see `reference_context`.
         seed: seeds `best_random`.
 
@@ -70,9 +67,7 @@ def judge_responses(
     n = len(responses[live[0]])
     completions = [[format_completion(tokenizer, t) for t in responses[i]] for i in live]
     sequences = [tokenize_completion(tokenizer, prompts[i], c) for i, cs in zip(live, completions) for c in cs]
-    policy, ref, lengths, tokens = score_sequences(
-        model, tokenizer, sequences, reference, judge_cfg.batch_tokens, max_length, judge_cfg.share_prompts
-    )
+    policy, ref, lengths, tokens = score_sequences(model, sequences, scorer, reference)
     policy, ref, lengths = (x.view(len(live), n) for x in (policy, ref, lengths))  # (P'*n,) -> (P', n)
     judged = judge_pairs(
         policy, ref, beta, valid[live], lengths, judge_cfg.pairing, judge_cfg.length_normalize,
@@ -81,7 +76,7 @@ def judge_responses(
     for k, i in enumerate(live):
         paired = bool(judged.paired[k])
         rows[i].update(
-            skip_reason=None if paired else "reward_tie",
+            skip_reason=None if paired else REWARD_TIE,
             completions=completions[k],
             policy_logps=policy[k].tolist(),
             ref_logps=ref[k].tolist(),
@@ -95,19 +90,15 @@ def judge_responses(
     return rows, tokens
 
 
-def rescore_rows(
-    model, tokenizer, rows: list[dict], max_tokens: int = 8192, max_length=None, share_prompts: bool = False
-) -> list[list[float] | None]:
+def rescore_rows(model, tokenizer, rows: list[dict], scorer: Scorer) -> list[list[float] | None]:
     """log-probs of each judged row's completions under `model` as it is now (e.g. pi_t after the round's training).
 
     Returns:
         per row, one summed log-prob per completion; None for rows with no completions (skipped prompts).
     """
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     live = [i for i, row in enumerate(rows) if row.get("completions")]
     sequences = [tokenize_completion(tokenizer, rows[i]["prompt"], c) for i in live for c in rows[i]["completions"]]
-    score = shared_prompt_logps if share_prompts else completion_logps
-    logps, _ = score(model, sequences, pad_id, max_tokens, max_length=max_length)
+    logps, _ = scorer(model, sequences)
     out, position = [None] * len(rows), 0
     for i in live:
         count = len(rows[i]["completions"])
@@ -147,14 +138,13 @@ def load_eval_pairs(entry: dict, tokenizer) -> list[dict]:
     return rows
 
 
-def judge_accuracy(
-    model, tokenizer, rows: list[dict], reference=None, max_tokens: int = 8192, length_normalize: bool = False,
-    max_length: int | None = None, share_prompts: bool = False,
-) -> float:
+def judge_accuracy(model, tokenizer, rows: list[dict], scorer: Scorer, reference=None,
+                   length_normalize: bool = False) -> float:
     """Share of human-labelled pairs whose chosen answer gets the strictly higher implicit reward (TRL's accuracy).
 
     Args:
         rows: dicts with formatted `prompt`, `chosen`, `rejected` strings (see `load_eval_pairs`).
+        scorer: how log-probs are computed (`logprobs.Scorer`).
         reference: pi_ref, see `reference_context`.
 
     Returns:
@@ -163,9 +153,7 @@ def judge_accuracy(
     if not rows:
         return 0.0
     sequences = [tokenize_completion(tokenizer, r["prompt"], r[k]) for r in rows for k in ("chosen", "rejected")]
-    policy, ref, lengths, _ = score_sequences(
-        model, tokenizer, sequences, reference, max_tokens, max_length, share_prompts
-    )
+    policy, ref, lengths, _ = score_sequences(model, sequences, scorer, reference)
     rewards = policy.double() - ref.double()
     if length_normalize:
         rewards = rewards / lengths.clamp(min=1)

@@ -15,12 +15,13 @@ import json
 import math
 from pathlib import Path
 
+from . import distributed
+from . import metric_keys as keys
 from ._logging import get_logger
-from .artifacts import append_rows
+from .artifacts import TO_LABEL_FILE, append_rows
 
 LOG = get_logger(__name__)
 
-TO_LABEL_FILE = "to_label.jsonl"
 LABELS = ("chosen", "rejected", "tie")
 
 
@@ -124,12 +125,27 @@ def round_labels(rows: list[dict], labels_cfg, round_dir: Path) -> dict[str, str
     return read_labels(path)
 
 
+def shared_round_labels(rows: list[dict], labels_cfg, round_dir: Path) -> dict[str, str]:
+    """`round_labels` on rank 0 (it writes `to_label.jsonl` and may call the labeller); every rank gets the same
+    labels, or raises the same stop or error, so no rank waits for another that has left."""
+    outcome = None
+    if distributed.is_main():
+        try:
+            outcome = round_labels(rows, labels_cfg, round_dir)
+        except (Exception, LabelsNeeded) as error:
+            outcome = error
+    outcome = distributed.broadcast(outcome)
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
+
+
 def apply_labels(rows: list[dict], labels: dict[str, str]) -> tuple[list[dict], dict[str, float]]:
     """Rows with the labels applied (`rejected` swaps the pair, `tie` drops it) and the agreement metrics.
 
     Returns:
-        rows: copies where a label changed the pair; `selfee/labels`, `selfee/labels_flipped` and
-        `selfee/judge_accuracy_on_policy` (the judge's agreement with the non-tie labels).
+        rows: copies where a label changed the pair; `LABELS`, `LABELS_FLIPPED` and `JUDGE_ACCURACY_ON_POLICY` (the
+        judge's agreement with the non-tie labels).
     """
     if not labels:
         return rows, {}
@@ -146,7 +162,7 @@ def apply_labels(rows: list[dict], labels: dict[str, str]) -> tuple[list[dict], 
         elif label == "tie":
             row = {**row, "chosen_index": None, "rejected_index": None}
         out.append(row)
-    metrics = {"selfee/labels": float(len(labels)), "selfee/labels_flipped": float(len(agree) - sum(agree))}
+    metrics = {keys.LABELS: float(len(labels)), keys.LABELS_FLIPPED: float(len(agree) - sum(agree))}
     if agree:
-        metrics["selfee/judge_accuracy_on_policy"] = sum(agree) / len(agree)
+        metrics[keys.JUDGE_ACCURACY_ON_POLICY] = sum(agree) / len(agree)
     return out, metrics

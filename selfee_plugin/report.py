@@ -10,43 +10,40 @@ import json
 import sys
 from pathlib import Path
 
-from .artifacts import SUMMARY_FILE, selfee_root
+from . import metric_keys as keys
+from .artifacts import PLOT_FILE, REPORT_FILE, SUMMARY_FILE, selfee_root
 
-REPORT_FILE = "report.md"
-PLOT_FILE = "report.png"
 # (column, metric key, format): what says whether a round helped, without gold (see README "Logged metrics").
 COLUMNS = [
-    ("round", "selfee/round", "{:.0f}"),
-    ("pairs", "selfee/pairs", "{:.0f}"),
-    ("margin", "selfee/margin_mean", "{:.2f}"),
-    ("length", "selfee/response_length_mean", "{:.1f}"),
-    ("longer chosen", "selfee/longer_chosen_fraction", "{:.2f}"),
-    ("truncated", "selfee/truncated_fraction", "{:.2f}"),
-    ("judge acc.", "selfee/judge_accuracy", "{:.3f}"),
-    ("judge acc. after", "selfee/judge_accuracy_after", "{:.3f}"),
-    ("agreement after", "selfee/judge_agreement_after", "{:.2f}"),
-    ("drift chosen", "selfee/logps_drift_chosen", "{:+.2f}"),
-    ("drift chosen/token", "selfee/logps_drift_chosen_per_token", "{:+.3f}"),
-    ("drift rejected", "selfee/logps_drift_rejected", "{:+.2f}"),
-    ("drift ratio", "selfee/logps_drift_ratio", "{:.1f}"),
-    ("KL prev", "selfee/kl_previous", "{:.3f}"),
-    ("KL(pi_t, pi_init)", "selfee/kl_initial_probe", "{:.3f}"),
-    ("length growth", "selfee/length_growth", "{:+.2f}"),
-    ("judge acc. on policy", "selfee/judge_accuracy_on_policy", "{:.2f}"),
-    ("noisy", "train/selfee/noisy_fraction", "{:.2f}"),
-    ("loss", "train/loss", "{:.3f}"),
-    ("guard", "selfee/guard_decision", "{}"),
+    ("round", keys.ROUND, "{:.0f}"),
+    ("pairs", keys.PAIRS, "{:.0f}"),
+    ("margin", keys.MARGIN_MEAN, "{:.2f}"),
+    ("length", keys.RESPONSE_LENGTH_MEAN, "{:.1f}"),
+    ("longer chosen", keys.LONGER_CHOSEN_FRACTION, "{:.2f}"),
+    ("truncated", keys.TRUNCATED_FRACTION, "{:.2f}"),
+    ("judge acc.", keys.JUDGE_ACCURACY, "{:.3f}"),
+    ("judge acc. after", keys.JUDGE_ACCURACY_AFTER, "{:.3f}"),
+    ("agreement after", keys.JUDGE_AGREEMENT_AFTER, "{:.2f}"),
+    ("drift chosen", keys.DRIFT_CHOSEN, "{:+.2f}"),
+    ("drift chosen/token", keys.DRIFT_CHOSEN_PER_TOKEN, "{:+.3f}"),
+    ("drift rejected", keys.DRIFT_REJECTED, "{:+.2f}"),
+    ("drift ratio", keys.DRIFT_RATIO, "{:.1f}"),
+    ("KL prev", keys.KL_PREVIOUS, "{:.3f}"),
+    ("KL(pi_t, pi_init)", keys.KL_INITIAL_PROBE, "{:.3f}"),
+    ("length growth", keys.LENGTH_GROWTH, "{:+.2f}"),
+    ("judge acc. on policy", keys.JUDGE_ACCURACY_ON_POLICY, "{:.2f}"),
+    ("noisy", keys.TRAIN + keys.NOISY_FRACTION, "{:.2f}"),
+    ("loss", keys.TRAIN + "loss", "{:.3f}"),
+    ("guard", keys.GUARD_DECISION, "{}"),
 ]
 # report.png: one panel per question, each a few metric curves over rounds.
 PANELS = [
-    ("judged margins", ["selfee/margin_mean", "selfee/preference_probability_mean"]),
-    ("log-prob drift during the round (nats/token)",
-     ["selfee/logps_drift_chosen_per_token", "selfee/logps_drift_rejected_per_token"]),
-    ("KL estimates (nats per answer)", ["selfee/kl_previous", "selfee/kl_previous_probe", "selfee/kl_initial_probe"]),
-    ("answer length before / after the round (probe, tokens)",
-     ["selfee/probe_length_before", "selfee/probe_length_after"]),
-    ("length bias and truncation", ["selfee/longer_chosen_fraction", "selfee/truncated_fraction"]),
-    ("judge accuracy", ["selfee/judge_accuracy", "selfee/judge_accuracy_after", "selfee/judge_accuracy_on_policy"]),
+    ("judged margins", [keys.MARGIN_MEAN, keys.PREFERENCE_PROBABILITY_MEAN]),
+    ("log-prob drift during the round (nats/token)", [keys.DRIFT_CHOSEN_PER_TOKEN, keys.DRIFT_REJECTED_PER_TOKEN]),
+    ("KL estimates (nats per answer)", [keys.KL_PREVIOUS, keys.KL_PREVIOUS_PROBE, keys.KL_INITIAL_PROBE]),
+    ("answer length before / after the round (probe, tokens)", [keys.PROBE_LENGTH_BEFORE, keys.PROBE_LENGTH_AFTER]),
+    ("length bias and truncation", [keys.LONGER_CHOSEN_FRACTION, keys.TRUNCATED_FRACTION]),
+    ("judge accuracy", [keys.JUDGE_ACCURACY, keys.JUDGE_ACCURACY_AFTER, keys.JUDGE_ACCURACY_ON_POLICY]),
 ]
 
 
@@ -57,14 +54,14 @@ def render(summary: list[dict]) -> str:
     for row in summary:
         cells = [fmt.format(row[key]) if isinstance(row.get(key), (int, float, str)) else "-" for _, key, fmt in COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
-    fired = [row for row in summary if row.get("selfee/guard_rejected")]
+    fired = [row for row in summary if row.get(keys.GUARD_REJECTED)]
     if fired:
         lines += ["", "## Round guard"]
         for row in fired:
-            for attempt in row["selfee/guard_rejected"]:
-                lines.append(f"- round {row['selfee/round']:.0f}, attempt {attempt['attempt']} ({attempt['with']}) "
+            for attempt in row[keys.GUARD_REJECTED]:
+                lines.append(f"- round {row[keys.ROUND]:.0f}, attempt {attempt['attempt']} ({attempt['with']}) "
                              f"rejected: {'; '.join(attempt['reasons'])}")
-            lines.append(f"- round {row['selfee/round']:.0f}: {row.get('selfee/guard_decision', '-')}")
+            lines.append(f"- round {row[keys.ROUND]:.0f}: {row.get(keys.GUARD_DECISION, '-')}")
     lines += ["", "drift: mean change of log pi on the round's chosen / rejected answers during its training; KL prev: "
               "KL(pi_{t-1} || pi_t) on the round's samples; agreement after: share of the round's pairs the judge still "
               "orders the same way after training; length growth: answers sampled after the round vs before (guard probe). "
@@ -81,14 +78,14 @@ def plot(summary: list[dict], path: Path) -> None:
     from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(2, 3, figsize=(15, 7.5), constrained_layout=True)
-    rounds = [row["selfee/round"] for row in summary]
+    rounds = [row[keys.ROUND] for row in summary]
     for ax, (title, keys) in zip(axes.flat, PANELS):
         for key in keys:
             points = [(r, row[key]) for r, row in zip(rounds, summary) if isinstance(row.get(key), (int, float))]
             if points:
                 ax.plot(*zip(*points), marker="o", label=key.split("/", 1)[1])
         for r, row in zip(rounds, summary):
-            if row.get("selfee/guard_rejected"):
+            if row.get(keys.GUARD_REJECTED):
                 ax.axvline(r, color="red", alpha=0.3, linestyle="--")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("round")

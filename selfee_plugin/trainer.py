@@ -36,15 +36,19 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 from typing_extensions import override
 
+from . import metric_keys as keys
 from ._logging import get_logger
-from .args import REFINE_LOSS_TYPES, RefineConfig, parse_selfee
+from .args import REFINE_LOSS_TYPES, RefineConfig
+from .artifacts import NOISE_STATE_FILE
+from .context import RunContext
+from .formatting import pad_token_id
 from .logprobs import float32_logits, sequence_logps
 from .loss import NoiseDetector, compute_extrapolated_logps, compute_margins, linear_smoothing_term
 from .references import dpo_reference, reference_context
+from .rounds import run_rounds
 
 LOG = get_logger(__name__)
 
-NOISE_STATE_NAME = "selfee_noise_state.json"
 # Batch keys that are not model inputs (as in TRL's `_compute_loss`).
 NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
 
@@ -60,16 +64,15 @@ def _preference_collator(data_collator, args, processing_class):
     """
     if not isinstance(data_collator, AxolotlDPODataCollatorWithPadding):
         return data_collator
-    pad_token_id = data_collator.pad_token_id
-    if pad_token_id is None and processing_class is not None:
-        tokenizer = getattr(processing_class, "tokenizer", processing_class)
-        pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = data_collator.pad_token_id
+    if pad_id is None and processing_class is not None:
+        pad_id = pad_token_id(getattr(processing_class, "tokenizer", processing_class))
     LOG.info(
         f"selfee: using TRL's DataCollatorForPreference (pad_to_multiple_of={data_collator.pad_to_multiple_of}) "
         "instead of AxolotlDPODataCollatorWithPadding, which does not build TRL 1.9's input_ids/completion_mask."
     )
     return DataCollatorForPreference(
-        pad_token_id=pad_token_id,
+        pad_token_id=pad_id,
         max_length=getattr(args, "max_length", None),
         truncation_mode=getattr(args, "truncation_mode", "keep_start"),
         pad_to_multiple_of=data_collator.pad_to_multiple_of,
@@ -86,17 +89,15 @@ class SelfeeDPOTrainer(AxolotlDPOTrainer):
 
     tag_names = ["axolotl", "dpo", "selfee"]
 
-    def __init__(self, *args, selfee_cfg=None, **kwargs):
+    def __init__(self, *args, run_context: RunContext | None = None, **kwargs):
+        """Args: as AxolotlDPOTrainer's, plus `run_context`: the run as the plugin prepared it before the model loaded
+        (`context.RunContext`, after `data_checks.preflight`); None trains plain DPO with TRL's loss."""
         kwargs["data_collator"] = _preference_collator(
             kwargs.get("data_collator"), kwargs.get("args"), kwargs.get("processing_class")
         )
         super().__init__(*args, **kwargs)
-        self.axolotl_cfg = selfee_cfg
-        # Axolotl hands plugins its validated config with the `selfee:` block dumped back to plain dicts.
-        self.selfee = parse_selfee(selfee_cfg) if selfee_cfg is not None else None
-        self.prompt_pool = None  # set by SelfeePlugin.post_trainer_create
-        self.selfee_state = None  # resume state checked before model load; set by SelfeePlugin.post_trainer_create
-        self.auto_eval_rows = None  # `judge.eval_pairs: auto`: seed pairs held out; set by post_trainer_create
+        self.run_context = run_context
+        self.selfee = run_context.selfee if run_context is not None else None
         self.refine = self.selfee.refine if self.selfee is not None else RefineConfig()
         self.noise_detector = NoiseDetector(window=self.refine.window, noisy_fraction=self.refine.noisy_fraction)
         self.refine_enabled = False
@@ -106,8 +107,6 @@ class SelfeeDPOTrainer(AxolotlDPOTrainer):
     @override
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         """Run every SELFEE round (round 0 on the seed, then the self-annotation rounds); see `rounds.py`."""
-        from .rounds import run_rounds
-
         if resume_from_checkpoint:
             # Resume is per round (finished rounds and judged pairs under output_dir/selfee), not per HF checkpoint:
             # a checkpoint belongs to one round's schedule and cannot restart the whole loop.
@@ -217,24 +216,24 @@ class SelfeeDPOTrainer(AxolotlDPOTrainer):
             term = linear_smoothing_term(self.beta * z, self.refine.smoothing).sum() / half * weight
 
         gather, metrics = self.accelerator.gather, self._metrics[mode]
-        metrics["selfee/noisy_fraction"].append(gather(noisy.float()).mean().item())
+        metrics[keys.NOISY_FRACTION].append(gather(noisy.float()).mean().item())
         if tau is not None:
-            metrics["selfee/threshold"].append(tau)
-        metrics["selfee/smoothing_active"].append(float(active))
-        metrics["selfee/extrapolated_margin"].append(gather(scores.float()).mean().item())
+            metrics[keys.THRESHOLD].append(tau)
+        metrics[keys.SMOOTHING_ACTIVE].append(float(active))
+        metrics[keys.EXTRAPOLATED_MARGIN].append(gather(scores.float()).mean().item())
         return term
 
     @override
     def _save_optimizer_and_scheduler(self, output_dir):
         super()._save_optimizer_and_scheduler(output_dir)
         if self.args.should_save:
-            with open(os.path.join(output_dir, NOISE_STATE_NAME), "w") as f:
+            with open(os.path.join(output_dir, NOISE_STATE_FILE), "w") as f:
                 json.dump({"refine_enabled": self.refine_enabled, **self.noise_detector.state_dict()}, f)
 
     @override
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
-        path = os.path.join(checkpoint, NOISE_STATE_NAME) if checkpoint else None
+        path = os.path.join(checkpoint, NOISE_STATE_FILE) if checkpoint else None
         if path and os.path.isfile(path):
             with open(path) as f:
                 self.noise_detector.load_state_dict(json.load(f))

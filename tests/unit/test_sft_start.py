@@ -13,8 +13,9 @@ def test_judge_reference_is_the_sft_adapter_not_the_base(tiny_model_dir, tiny_to
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from selfee_plugin.formatting import format_completion, format_prompt, tokenize_completion
+    from selfee_plugin.formatting import format_completion, format_prompt, pad_token_id, tokenize_completion
     from selfee_plugin.judge import score_sequences
+    from selfee_plugin.logprobs import Scorer
     from selfee_plugin.plugin import SelfeePlugin
     from selfee_plugin.references import snapshot_dpo_reference
     from selfee_plugin.rounds import RoundRunner
@@ -29,9 +30,10 @@ def test_judge_reference_is_the_sft_adapter_not_the_base(tiny_model_dir, tiny_to
 
     cfg = DictDefault({
         "base_model": tiny_model_dir, "adapter": "lora", "lora_model_dir": str(tmp_path / "sft"), "rl": "dpo",
-        "datasets": [], "selfee": {"rounds": 0},
+        "datasets": [], "selfee": {"rounds": 0}, "output_dir": str(tmp_path / "out"),
     })
     plugin = SelfeePlugin()
+    plugin.pre_model_load(cfg)
     plugin.post_model_load(cfg, base())
     args = AxolotlDPOConfig(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True, bf16=False,
                             max_length=64, save_strategy="no")
@@ -40,14 +42,14 @@ def test_judge_reference_is_the_sft_adapter_not_the_base(tiny_model_dir, tiny_to
                                "rejected": format_completion(tiny_tokenizer, "3 1 2")}])
     trainer = plugin.get_trainer_cls(cfg)(args=args, train_dataset=pair, processing_class=tiny_tokenizer,
                                           peft_config=lora)
-    plugin.post_trainer_create(cfg, trainer)
     runner = RoundRunner(trainer, train_fn=lambda: None)
     assert runner.judge_reference == "selfee_init"
 
+    scorer = Scorer(pad_token_id(tiny_tokenizer))
     seq = [tokenize_completion(tiny_tokenizer, prompt, format_completion(tiny_tokenizer, "1 2 3"))]
     with torch.no_grad():
-        _, init_logps, _, _ = score_sequences(trainer.model, tiny_tokenizer, seq, reference=runner.judge_reference)
-        sft_logps, bare_logps, _, _ = score_sequences(sft, tiny_tokenizer, seq, reference=None)
+        _, init_logps, _, _ = score_sequences(trainer.model, seq, scorer, reference=runner.judge_reference)
+        sft_logps, bare_logps, _, _ = score_sequences(sft, seq, scorer, reference=None)
     torch.testing.assert_close(init_logps, sft_logps, atol=1e-4, rtol=0)
     assert (init_logps - bare_logps).abs().max() > 1e-2
 
@@ -58,5 +60,5 @@ def test_judge_reference_is_the_sft_adapter_not_the_base(tiny_model_dir, tiny_to
                 param.add_(0.5)
     snapshot_dpo_reference(trainer.model, trainer)
     with torch.no_grad():
-        _, init_after, _, _ = score_sequences(trainer.model, tiny_tokenizer, seq, reference=runner.judge_reference)
+        _, init_after, _, _ = score_sequences(trainer.model, seq, scorer, reference=runner.judge_reference)
     torch.testing.assert_close(init_after, sft_logps, atol=1e-4, rtol=0)

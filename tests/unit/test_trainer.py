@@ -46,6 +46,7 @@ def _trainer(model, tokenizer, dataset, tmp_path, refine=None, data_collator=Non
     from peft import LoraConfig
 
     from selfee_plugin.args import SelfeeConfig
+    from selfee_plugin.context import RunContext
     from selfee_plugin.trainer import SelfeeDPOTrainer
 
     settings = dict(
@@ -63,7 +64,7 @@ def _trainer(model, tokenizer, dataset, tmp_path, refine=None, data_collator=Non
     cfg = DictDefault({"selfee": selfee.model_dump()}) if selfee_as_dict else DictDefault({"selfee": selfee})
     return SelfeeDPOTrainer(
         model, None, args=AxolotlDPOConfig(**settings), train_dataset=dataset, processing_class=tokenizer,
-        peft_config=peft_config, selfee_cfg=cfg, data_collator=data_collator,
+        peft_config=peft_config, run_context=RunContext.from_cfg(cfg), data_collator=data_collator,
     )
 
 
@@ -135,7 +136,7 @@ def test_round_learning_rate_and_micro_batch_apply_to_rounds_only(tiny_model, ti
     runner = RoundRunner.__new__(RoundRunner)
     runner.trainer = trainer
     runner.selfee = SelfeeConfig(rounds=0, round_learning_rate=5e-5, round_micro_batch_size=2)
-    trainer.axolotl_cfg = SimpleNamespace(learning_rate=1e-3, micro_batch_size=4, max_steps=None, warmup_steps=0)
+    trainer.run_context.cfg = SimpleNamespace(learning_rate=1e-3, micro_batch_size=4, max_steps=None, warmup_steps=0)
     for refine, lr, pairs in ((True, 5e-5, 2), (False, 1e-3, 4)):
         runner._set_schedule(1.0, refine)
         trainer.create_optimizer_and_scheduler(num_training_steps=10)
