@@ -7,8 +7,12 @@
     selfee/round_<t>/pairs.rank<r>.jsonl  rank r's rows while several processes judge the round; merged into
                                    pairs.jsonl by rank 0 when every rank is done (see `merge_pairs_parts`)
     selfee/round_<t>/metrics.json  the round's metrics
+    selfee/round_<t>/to_label.jsonl  the round's pairs exported for on-policy labels (`selfee.labels`)
     selfee/round_<t>/adapter/      the policy after round t (`model/` under full fine-tuning)
-    selfee/round_<t>/checkpoints/  the round's HF Trainer checkpoints
+    selfee/round_<t>/checkpoints/  the round's HF Trainer checkpoints (`checkpoints_attempt_<k>/` for a guard retry),
+                                   each with the noise window beside the optimizer state (`selfee_noise_state.json`)
+    selfee/round_<t>/rejected/attempt_<k>/  an attempt the guard rejected: its policy and metrics
+    selfee/report.md, report.png   the run's report (`report.py`)
 """
 
 from __future__ import annotations
@@ -23,9 +27,17 @@ SUMMARY_FILE = "summary.json"
 PAIRS_FILE = "pairs.jsonl"
 METRICS_FILE = "metrics.json"
 AUTO_EVAL_FILE = "eval_pairs_auto.jsonl"
+TO_LABEL_FILE = "to_label.jsonl"
+NOISE_STATE_FILE = "selfee_noise_state.json"
+REPORT_FILE = "report.md"
+PLOT_FILE = "report.png"
 
-# Why a prompt produced no pair; each is counted in the metrics as `selfee/skipped_<reason>`.
-SKIP_REASONS = ("prompt_too_long", "empty_response", "identical_responses", "reward_tie")
+# Why a prompt produced no pair; each is counted in the metrics as `metric_keys.skipped(reason)`.
+PROMPT_TOO_LONG = "prompt_too_long"
+EMPTY_RESPONSE = "empty_response"
+IDENTICAL_RESPONSES = "identical_responses"
+REWARD_TIE = "reward_tie"
+SKIP_REASONS = (PROMPT_TOO_LONG, EMPTY_RESPONSE, IDENTICAL_RESPONSES, REWARD_TIE)
 
 
 def selfee_root(output_dir: str | os.PathLike) -> Path:
@@ -40,7 +52,24 @@ def round_dir(root: Path, round_idx: int) -> Path:
 
 def policy_dir(root: Path, round_idx: int, peft: bool) -> Path:
     """Where round `round_idx` keeps its policy; a path only (asking whether one exists creates nothing)."""
-    return root / f"round_{round_idx}" / ("adapter" if peft else "model")
+    return policy_in(root / f"round_{round_idx}", peft)
+
+
+def policy_in(folder: Path, peft: bool) -> Path:
+    """A policy's folder inside `folder`: its LoRA adapter, or the whole model under full fine-tuning."""
+    return folder / ("adapter" if peft else "model")
+
+
+def checkpoints_dir(root: Path, round_idx: int, attempt: int = 1) -> Path:
+    """Where an attempt of round `round_idx` keeps its HF checkpoints (`checkpoint-<step>` restarts at 1 each time)."""
+    return round_dir(root, round_idx) / ("checkpoints" if attempt == 1 else f"checkpoints_attempt_{attempt}")
+
+
+def rejected_dir(root: Path, round_idx: int, attempt: int) -> Path:
+    """Where the guard keeps an attempt it rejected: its policy and metrics."""
+    path = round_dir(root, round_idx) / "rejected" / f"attempt_{attempt}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def write_json(path: Path, data) -> None:
@@ -147,19 +176,13 @@ def append_rows(f, rows: list[dict]) -> None:
     os.fsync(f.fileno())
 
 
-def load_judged_pairs(path: str | os.PathLike, reference: str = "previous", with_metadata: bool = False):
-    """`judged_pairs_dataset` of a judged-pairs JSON Lines file."""
-    return judged_pairs_dataset(read_judged_rows(path), reference, with_metadata)
-
-
-def judged_pairs_dataset(rows: list[dict], reference: str = "previous", with_metadata: bool = False):
+def judged_pairs_dataset(rows: list[dict], reference: str = "previous"):
     """Judged pairs as a `datasets.Dataset` that TRL 1.9's DPOTrainer tokenizes like an Axolotl DPO dataset.
 
     Args:
         rows: judged rows (`pairs.jsonl`); unpaired rows are left out.
         reference: which judged log-probs become the DPO reference columns: `previous` (log pi_cur, the paper's
             pi_{t-1}) or `initial` (the judge's reference, pi_init), as `selfee.dpo_reference`.
-        with_metadata: also return `prompt_id` and `probability`.
 
     Returns:
         Dataset with `prompt`, `chosen`, `rejected` (formatted strings), `ref_chosen_logps`, `ref_rejected_logps`.
@@ -170,8 +193,6 @@ def judged_pairs_dataset(rows: list[dict], reference: str = "previous", with_met
         raise ValueError(f"reference must be `previous` or `initial` (selfee.dpo_reference), got {reference!r}")
     key = "policy_logps" if reference == "previous" else "ref_logps"
     columns = {k: [] for k in ("prompt", "chosen", "rejected", "ref_chosen_logps", "ref_rejected_logps")}
-    if with_metadata:
-        columns.update(prompt_id=[], probability=[])
     for row in rows:
         w, l = row["chosen_index"], row["rejected_index"]
         if w is None:
@@ -181,7 +202,4 @@ def judged_pairs_dataset(rows: list[dict], reference: str = "previous", with_met
         columns["rejected"].append(row["completions"][l])
         columns["ref_chosen_logps"].append(row[key][w])
         columns["ref_rejected_logps"].append(row[key][l])
-        if with_metadata:
-            columns["prompt_id"].append(row["prompt_id"])
-            columns["probability"].append(row["probability"])
     return Dataset.from_dict(columns)

@@ -1,16 +1,21 @@
 """Everything checked before any weights load (`preflight`): parallelism, the prompt pool, seed rows Axolotl would
 train on silently wrong, seed prompts formatted unlike the rounds' chat template, a `judge.reference_model` that
-does not share the policy's tokenizer, and resume."""
+does not share the policy's tokenizer, held-out judge pairs, and resume."""
 
 from __future__ import annotations
 
 from ._logging import get_logger
+from .context import RunContext
+from .distributed import check_parallelism
 from .formatting import DUMMY_USER_MESSAGE, format_prompt, preference_formatter
+from .judge import load_eval_pairs
+from .judged_pairs_entry import TYPE_NAME as JUDGED_PAIRS_TYPE
+from .prompt_pool import describe_load_error, load_prompt_pool
+from .resume import check_resume
 
 LOG = get_logger(__name__)
 
 SHOWN = 5  # bad rows listed per dataset
-JUDGED_PAIRS_TYPE = "selfee_plugin.judged_pairs"
 
 
 def _row_problems(row: dict) -> list[str]:
@@ -38,8 +43,6 @@ def check_seed_datasets(cfg, tokenizer) -> list[list[dict]]:
     """
     from axolotl.utils.data.shared import load_dataset_with_config
     from axolotl.utils.dict import DictDefault
-
-    from .prompt_pool import describe_load_error
 
     formatted = []
     for idx, entry in enumerate(cfg.get("datasets") or []):
@@ -149,25 +152,20 @@ def check_reference_model(cfg, reference_model: str, tokenizer) -> None:
         )
 
 
-def preflight(cfg, selfee, pool=None):
-    """Run every check that needs no weights, in seconds, from the plugin's `pre_model_load`.
-
-    Returns:
-        (prompt pool, resume state) for the trainer.
+def preflight(run: RunContext) -> None:
+    """Run every check that needs no weights, in seconds, from the plugin's `pre_model_load`, and fill `run`: the
+    prompt pool, the resume state and the held-out judge pairs of a file (`auto` ones come from the seed loading).
 
     Raises:
         ValueError: naming the key or file and row, the value and what is allowed.
     """
-    from .distributed import check_parallelism
-    from .prompt_pool import load_prompt_pool
-    from .resume import check_resume
-
+    cfg, selfee = run.cfg, run.selfee
     check_parallelism(cfg)  # ZeRO-3 / FSDP / tensor or context parallelism
-    if selfee.round_sizes and pool is None:
-        pool = load_prompt_pool(selfee, selfee.round_sizes)
-        LOG.info(f"selfee: prompt pool of {len(pool)} prompts for rounds {selfee.round_sizes}")
-    reference_model = selfee.judge.reference_model
-    if cfg.get("datasets") or reference_model:
+    if selfee.round_sizes and run.pool is None:
+        run.pool = load_prompt_pool(selfee, selfee.round_sizes)
+        LOG.info(f"selfee: prompt pool of {len(run.pool)} prompts for rounds {selfee.round_sizes}")
+    reference_model, eval_pairs = selfee.judge.reference_model, selfee.judge.eval_pairs
+    if cfg.get("datasets") or reference_model or isinstance(eval_pairs, dict):
         from axolotl.loaders.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(cfg)
@@ -175,7 +173,8 @@ def preflight(cfg, selfee, pool=None):
             warn_on_format_mismatch(cfg, tokenizer, check_seed_datasets(cfg, tokenizer))
         if reference_model:
             check_reference_model(cfg, reference_model, tokenizer)
-    state = check_resume(cfg, selfee, pool)
-    if state["completed"]:
-        LOG.info(f"selfee: resuming {cfg.output_dir}; finished rounds {sorted(state['completed'])}")
-    return pool, state
+        if isinstance(eval_pairs, dict):
+            run.eval_rows = load_eval_pairs(eval_pairs, tokenizer)
+    run.state = check_resume(cfg, selfee, run.pool)
+    if run.state["completed"]:
+        LOG.info(f"selfee: resuming {cfg.output_dir}; finished rounds {sorted(run.state['completed'])}")

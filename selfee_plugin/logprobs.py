@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
 from ._logging import get_logger
+from .formatting import pad_token_id
+from .static_decoding import static_decode_supported
 
 LOG = get_logger(__name__)
 
@@ -162,14 +165,12 @@ def shared_prompt_logps(
     keys and values skips n - 1 prompt forwards per prompt (n = 2, 150-token prompts, 300-token answers: 17% of the
     tokens; 1,000-token prompts: 38%). Same tokens, positions and attention as the full forward, so the results agree
     up to float error. Falls back to `completion_logps` when no prompt repeats, when a sequence would be truncated
-    at `max_length`, or when the model's attention is not plain causal (`generation.static_decode_supported`).
+    at `max_length`, or when the model's attention is not plain causal (`static_decoding.static_decode_supported`).
 
     Returns:
         logps: (N,) float32 summed log-probs; lengths: (N,) completion tokens scored.
     """
     from trl.trainer.utils import pad
-
-    from .generation import static_decode_supported
 
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, (prompt, _) in enumerate(sequences):
@@ -205,6 +206,33 @@ def shared_prompt_logps(
             scored.append((rows, first[owner, ids[:, 0]] + rest, mask.sum(1)))
             del logits, cache
     return _collect(scored, len(sequences))
+
+
+@dataclass(frozen=True)
+class Scorer:
+    """How a run computes summed completion log-probs: the judge, the guard's re-scoring and probes all use one.
+
+    Attributes:
+        pad_token_id: the tokenizer's padding id (`formatting.pad_token_id`).
+        max_tokens: padded tokens per forward pass (`judge.batch_tokens`).
+        max_length: the DPO `max_length`, so scored log-probs see the truncation training sees.
+        share_prompts: forward each distinct prompt once for all of its answers (`judge.share_prompts`).
+    """
+
+    pad_token_id: int
+    max_tokens: int = 8192
+    max_length: int | None = None
+    share_prompts: bool = False
+
+    @classmethod
+    def for_run(cls, tokenizer, judge_cfg, max_length: int | None) -> Scorer:
+        return cls(pad_token_id(tokenizer), judge_cfg.batch_tokens, max_length, judge_cfg.share_prompts)
+
+    def __call__(self, model, sequences, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logps, lengths) of each (prompt_ids, completion_ids) under `model` as it is now."""
+        score = shared_prompt_logps if self.share_prompts else completion_logps
+        return score(model, sequences, self.pad_token_id, self.max_tokens, max_length=self.max_length,
+                     progress=progress)
 
 
 def _collect(scored: list, count: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,6 +7,7 @@ import math
 import torch
 
 from ._logging import get_logger
+from .memory import MEMORY_MARGIN, free_accelerator_bytes
 
 LOG = get_logger(__name__)
 
@@ -123,6 +124,4 @@ def should_merge(model, gen_cfg, needed_bytes: int) -> bool:
     device = model.get_input_embeddings().weight.device
     if device.type != "cuda":
         return False
-    from .generation import MEMORY_MARGIN, free_accelerator_bytes
-
     return merged_bytes(model) + needed_bytes <= MEMORY_MARGIN * free_accelerator_bytes(device)

@@ -61,14 +61,14 @@ def fingerprint(cfg, selfee, pool) -> dict:
     return out
 
 
-def check_resume(cfg, selfee, pool, output_dir: str | None = None) -> dict:
-    """The run's state: new (and written) when `output_dir/selfee` holds none, else the stored one if it matches.
+def check_resume(cfg, selfee, pool) -> dict:
+    """The run's state: new when `output_dir/selfee` holds none, else the stored one if it matches.
 
     Raises:
         ValueError: the stored run was made with other settings; the message lists each key (old -> new) and both
             ways out.
     """
-    root = selfee_root(output_dir or cfg.output_dir)
+    root = selfee_root(cfg.output_dir)
     path = root / STATE_FILE
     new = fingerprint(cfg, selfee, pool)
     if not path.exists():

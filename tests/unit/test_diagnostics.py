@@ -47,7 +47,9 @@ def test_rescoring_an_unchanged_policy_gives_no_drift(tiny_model, tiny_tokenizer
     from selfee_plugin.annotate import annotate
     from selfee_plugin.args import SelfeeConfig
     from selfee_plugin.artifacts import read_judged_rows
+    from selfee_plugin.formatting import pad_token_id
     from selfee_plugin.judge import rescore_rows
+    from selfee_plugin.logprobs import Scorer
 
     model = _lora(tiny_model, seed=0)
     cfg = SelfeeConfig(rounds=0, generation={"max_new_tokens": 6, "batch_size": 4, "temperature": 1.0})
@@ -55,7 +57,7 @@ def test_rescoring_an_unchanged_policy_gives_no_drift(tiny_model, tiny_tokenizer
     path = str(tmp_path / "pairs.jsonl")
     annotate(model, tiny_tokenizer, prompts, cfg, BETA, path)
     rows = read_judged_rows(path)
-    after = rescore_rows(model, tiny_tokenizer, rows, max_tokens=32)
+    after = rescore_rows(model, tiny_tokenizer, rows, Scorer(pad_token_id(tiny_tokenizer), 32))
     assert [a is None for a in after] == [not r["completions"] for r in rows]
     signals = post_round_signals(rows, after)
     assert any(r["chosen_index"] is not None for r in rows)

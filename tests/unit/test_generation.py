@@ -1,4 +1,4 @@
-"""Tests for selfee_plugin.generation: sampling from the policy and the DPO text format."""
+"""Tests for selfee_plugin.generation and .memory: sampling from the policy, batch sizing, the DPO text format."""
 
 from __future__ import annotations
 
@@ -174,13 +174,13 @@ def test_out_of_memory_halves_the_batch_and_loses_or_repeats_no_prompt(tiny_mode
     sampler = HFSampler(tiny_model, tiny_tokenizer, _cfg(batch_size=8))
     real, seen = HFSampler._generate_batch, []
 
-    def small_memory(model, batch, *args):
+    def small_memory(self, model, batch, *args):
         if len(batch) > 2:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         seen.extend(index for index, _ in batch)
-        return real(model, batch, *args)
+        return real(self, model, batch, *args)
 
-    monkeypatch.setattr(HFSampler, "_generate_batch", staticmethod(small_memory))
+    monkeypatch.setattr(HFSampler, "_generate_batch", small_memory)
     prompts = PROMPTS * 3  # 12 prompts
     out = sampler.generate(prompts, n=2, seed=0)
     assert out.batch_prompts == sampler.batch_prompts == 2
@@ -194,7 +194,8 @@ def test_auto_batch_is_fixed_on_cpu_and_sized_from_the_config_on_an_accelerator(
     prefill 150 x (3 x 14336 + 4 x 4096) x 2 = 17,817,600."""
     from transformers import MistralConfig
 
-    from selfee_plugin.generation import CPU_AUTO_SEQUENCES, auto_batch_sequences, sequence_bytes
+    from selfee_plugin.args import CPU_AUTO_SEQUENCES
+    from selfee_plugin.memory import auto_batch_sequences, sequence_bytes
 
     config = MistralConfig(vocab_size=32000, hidden_size=4096, num_hidden_layers=32, intermediate_size=14336,
                            num_attention_heads=32, num_key_value_heads=8)
@@ -203,102 +204,16 @@ def test_auto_batch_is_fixed_on_cpu_and_sized_from_the_config_on_an_accelerator(
     assert auto_batch_sequences(cpu_model, 150, 300) == CPU_AUTO_SEQUENCES == 64
 
 
-# ----------------------------------------------------------------------------------------------- fast decoding
-
-
-def _gqa_mistral():
-    """A tiny random Mistral with grouped-query attention (8 query heads over 2 KV heads)."""
-    from transformers import MistralConfig, MistralForCausalLM
-
-    torch.manual_seed(0)
-    config = MistralConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2, intermediate_size=128,
-                           num_attention_heads=8, num_key_value_heads=2, pad_token_id=0, eos_token_id=1,
-                           bos_token_id=2)
-    return MistralForCausalLM(config).eval()
-
-
-def _left_padded_prompts():
-    ids = torch.randint(3, 300, (5, 9), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones_like(ids)
-    mask[0, :4] = mask[3, :2] = 0
-    return ids.masked_fill(mask == 0, 0), mask
-
-
-def test_static_sample_draws_the_same_tokens_as_hf_generate(monkeypatch):
-    """The static loop (preallocated cache, GQA decode attention, each prompt prefilled once in chunks, no graphs
-    on CPU) samples exactly what `generate` samples with the same seed: temperature, top-p, padding after EOS."""
-    from selfee_plugin import generation
-
-    model = _gqa_mistral()
-    ids, mask = _left_padded_prompts()
-    kwargs = {"do_sample": True, "temperature": 0.8, "top_p": 0.95, "top_k": 0, "max_new_tokens": 20,
-              "num_return_sequences": 3, "eos_token_id": [1], "pad_token_id": 0, "use_cache": True}
-    bias = torch.zeros(300)
-    bias[1] = 3.0  # EOS likely enough that some answers stop early and are padded
-    hook = model.lm_head.register_forward_hook(lambda module, args, logits: logits + bias)
-    monkeypatch.setattr(generation, "PREFILL_TOKENS", 20)  # two prompts per prefill forward
-    with torch.no_grad():
-        torch.manual_seed(1)
-        expected = model.generate(input_ids=ids, attention_mask=mask, **kwargs)[:, ids.shape[1] :]
-        torch.manual_seed(1)
-        sampled = generation.static_sample(model, ids, mask, kwargs)
-    hook.remove()
-    assert torch.equal(sampled, expected)
-    assert (sampled == 1).any() and (sampled == 0).any()  # stops and padding were exercised
-
-
-def test_gqa_decode_attention_equals_transformers_sdpa():
-    """One query token under grouped-query attention with a padding mask: the folded heads give transformers' result."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    from selfee_plugin.generation import gqa_decode_attention
-
-    module = _gqa_mistral().model.layers[0].self_attn
-    gen = torch.Generator().manual_seed(0)
-    query, key, value = (torch.randn(3, h, s, 8, generator=gen) for h, s in ((8, 1), (2, 7), (2, 7)))
-    mask = torch.ones(3, 1, 1, 7, dtype=torch.bool)
-    mask[0, ..., :3] = False
-    expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.3)
-    got, _ = gqa_decode_attention(module, query, key, value, mask, scaling=0.3)
-    torch.testing.assert_close(got, expected)
-
-
-def test_static_decoding_is_used_only_where_it_is_plain_causal_attention(tiny_model):
-    from selfee_plugin.generation import static_decode_supported
-
-    model = _gqa_mistral()  # sliding_window 4096 by default
-    assert static_decode_supported(model, 4096) and not static_decode_supported(model, 4097)
-    assert static_decode_supported(tiny_model, 10_000)  # Llama: no window
-    tiny_model.config._attn_implementation = "eager"
-    assert not static_decode_supported(tiny_model, 10)
-
-
-def test_failed_graph_capture_falls_back_to_eager_steps(monkeypatch):
-    """Capture fails (here: no CUDA): one warning, graphs off from then on, and the same tokens as eager decoding."""
-    from selfee_plugin import generation
-
-    monkeypatch.setattr(generation, "CUDA_GRAPHS", True)
-    model = _gqa_mistral()
-    ids, mask = _left_padded_prompts()
-    kwargs = {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 6, "num_return_sequences": 2,
-              "eos_token_id": [1], "pad_token_id": 0}
-    torch.manual_seed(0)
-    eager = generation.static_sample(model, ids, mask, kwargs, graphs=False)
-    torch.manual_seed(0)
-    fallback = generation.static_sample(model, ids, mask, kwargs, graphs=True)
-    assert torch.equal(fallback, eager) and generation.CUDA_GRAPHS is False
-
-
 def test_batches_split_the_prompts_evenly(tiny_model, tiny_tokenizer, monkeypatch):
     """10 prompts at batch_size 4 run as 4 + 3 + 3, not 4 + 4 + 2: each batch takes as many decode steps."""
     from selfee_plugin.generation import HFSampler
 
     sizes, real = [], HFSampler._generate_batch
 
-    def record(model, batch, *args):
+    def record(self, model, batch, *args):
         sizes.append(len(batch))
-        return real(model, batch, *args)
+        return real(self, model, batch, *args)
 
-    monkeypatch.setattr(HFSampler, "_generate_batch", staticmethod(record))
+    monkeypatch.setattr(HFSampler, "_generate_batch", record)
     out = HFSampler(tiny_model, tiny_tokenizer, _cfg(batch_size=4)).generate((PROMPTS * 3)[:10], n=1, seed=0)
     assert sizes == [4, 3, 3] and all(r is not None for r in out.responses)

@@ -8,9 +8,9 @@ import pytest
 import torch
 from helpers import BETA, LORA_TARGETS, MESSAGES, _dpo_trainer, _lora, _plain_logp, _randomize_lora_b, _sequences
 
-from selfee_plugin.formatting import format_completion, format_prompt, tokenize_completion
+from selfee_plugin.formatting import format_completion, format_prompt, pad_token_id, tokenize_completion
 from selfee_plugin.judge import judge_accuracy, load_eval_pairs, score_sequences
-from selfee_plugin.logprobs import completion_logps
+from selfee_plugin.logprobs import Scorer, completion_logps
 from selfee_plugin.pairing import judge_pairs, valid_responses
 
 # ----------------------------------------------------------------------------------------------- pure math
@@ -24,7 +24,7 @@ def test_chosen_is_higher_reward_and_probability_is_sigmoid_beta_margin():
     assert out.chosen_index.tolist() == [0, 1] and out.rejected_index.tolist() == [1, 0]
     torch.testing.assert_close(out.margins, torch.tensor([2.0, 0.75], dtype=torch.float64))
     torch.testing.assert_close(out.probabilities, torch.sigmoid(BETA * torch.tensor([2.0, 0.75], dtype=torch.float64)))
-    assert out.paired.all() and not out.tied.any()
+    assert out.paired.all()
 
 
 def test_length_normalized_reward_is_per_token_mean():
@@ -43,8 +43,9 @@ def test_ties_empty_and_identical_are_counted_not_paired():
     assert reasons == [None, "empty_response", "identical_responses"]
     assert valid.tolist() == [[True, True], [True, False], [True, False]]
     out = judge_pairs(torch.tensor([[0.0, 0.0], [5.0, 0.0], [5.0, 0.0]]), torch.tensor([[-1.0, -1.0]] * 3), BETA, valid)
-    assert out.tied.tolist() == [True, False, False]
     assert out.paired.tolist() == [False, False, False]
+    tied = valid.sum(1).ge(2) & ~out.paired  # two valid answers, neither below the best: a reward tie
+    assert tied.tolist() == [True, False, False]
     assert out.chosen_index.tolist() == [-1, -1, -1]
 
     valid, reasons = valid_responses([["x", "x", "", "y"], ["", "", "", "z"], ["q", "q", "q", "q"]])
@@ -116,7 +117,7 @@ def test_judged_logps_equal_trl_dpo_reference_logps(tiny_model, tiny_tokenizer, 
         return torch.cat([chosen_logp, rejected_logp]).cpu()
 
     _randomize_lora_b(model, "default", seed=1)
-    policy, ref, _, _ = score_sequences(model, tok, ours, None, 32, None)
+    policy, ref, _, _ = score_sequences(model, ours, Scorer(pad_token_id(tok), 32), None)
     torch.testing.assert_close(ref, trl_ref_logps(), atol=1e-4, rtol=0)
     assert not torch.allclose(policy, ref, atol=1e-3)
 
@@ -131,7 +132,7 @@ def test_judged_logps_equal_trl_dpo_reference_logps(tiny_model, tiny_tokenizer, 
                 p.copy_(params[name.replace(".ref.", ".default.")])
     torch.testing.assert_close(policy, trl_ref_logps(), atol=1e-4, rtol=0)
     _randomize_lora_b(model, "ref", seed=2)
-    _, by_name, _, _ = score_sequences(model, tok, ours, "ref", 32, None)
+    _, by_name, _, _ = score_sequences(model, ours, Scorer(pad_token_id(tok), 32), "ref")
     torch.testing.assert_close(by_name, trl_ref_logps(), atol=1e-4, rtol=0)
     assert model.active_adapter == "default"
 
@@ -159,7 +160,7 @@ def test_adapters_disabled_equal_base_and_a_step_changes_policy(tiny_model, tiny
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype="float32")
     model = _lora(tiny_model, seed=None)
     sequences = _sequences(tiny_tokenizer, 4)
-    policy, ref, _, _ = score_sequences(model, tiny_tokenizer, sequences, None, 128, None)
+    policy, ref, _, _ = score_sequences(model, sequences, Scorer(pad_token_id(tiny_tokenizer), 128), None)
     bare, _ = completion_logps(base, sequences, tiny_tokenizer.pad_token_id, 128)
     torch.testing.assert_close(ref, bare, atol=1e-5, rtol=0)
     torch.testing.assert_close(policy, bare, atol=1e-5, rtol=0)  # B = 0: the fresh adapter is the identity
@@ -170,7 +171,7 @@ def test_adapters_disabled_equal_base_and_a_step_changes_policy(tiny_model, tiny
     model(input_ids=ids, labels=ids).loss.backward()
     optimizer.step()
     assert all(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
-    stepped, ref_after, _, _ = score_sequences(model, tiny_tokenizer, sequences, None, 128, None)
+    stepped, ref_after, _, _ = score_sequences(model, sequences, Scorer(pad_token_id(tiny_tokenizer), 128), None)
     torch.testing.assert_close(ref_after, bare, atol=1e-5, rtol=0)
     assert (stepped - bare).abs().max() > 1e-3
     assert model.training  # restored after judging
@@ -183,13 +184,13 @@ def test_module_reference_is_scored_as_given(tiny_model, tiny_model_dir, tiny_to
     with torch.no_grad():
         reference.lm_head.weight.mul_(2.0)
     sequences = _sequences(tiny_tokenizer, 3)
-    policy, ref, _, _ = score_sequences(tiny_model, tiny_tokenizer, sequences, reference, 32, None)
+    policy, ref, _, _ = score_sequences(tiny_model, sequences, Scorer(pad_token_id(tiny_tokenizer), 32), reference)
     torch.testing.assert_close(ref, torch.tensor([_plain_logp(reference, p, c) for p, c in sequences]), atol=1e-4,
                                rtol=0)
     torch.testing.assert_close(policy, torch.tensor([_plain_logp(tiny_model, p, c) for p, c in sequences]),
                                atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="needs a PEFT model"):
-        score_sequences(tiny_model, tiny_tokenizer, sequences, None, 32, None)
+        score_sequences(tiny_model, sequences, Scorer(pad_token_id(tiny_tokenizer), 32), None)
 
 
 @pytest.mark.parametrize("reference", [None, "ref"])
@@ -227,7 +228,7 @@ def test_judging_under_lora_copies_no_base_weight(tiny_model, tiny_tokenizer, re
             return out
 
     with CopyWatch() as watch:
-        score_sequences(model, tiny_tokenizer, _sequences(tiny_tokenizer, 4), reference, 4, None)
+        score_sequences(model, _sequences(tiny_tokenizer, 4), Scorer(pad_token_id(tiny_tokenizer), 4), reference)
     assert watch.copies == []
     assert [(n, p.data_ptr(), p.requires_grad) for n, p in model.named_parameters()] == before
 
@@ -261,11 +262,12 @@ def test_judge_accuracy_matches_the_reward_ordering(tiny_model, tiny_tokenizer, 
 
     model = _lora(tiny_model, seed=3)
     sequences = [tokenize_completion(tiny_tokenizer, r["prompt"], r[k]) for r in rows for k in ("chosen", "rejected")]
-    policy, ref, _, _ = score_sequences(model, tiny_tokenizer, sequences, None, 128, None)
+    policy, ref, _, _ = score_sequences(model, sequences, Scorer(pad_token_id(tiny_tokenizer), 128), None)
     rewards = (policy - ref).view(-1, 2)
     expected = (rewards[:, 0] > rewards[:, 1]).float().mean().item()
-    assert judge_accuracy(model, tiny_tokenizer, rows, max_tokens=128) == pytest.approx(expected)
+    scorer = Scorer(pad_token_id(tiny_tokenizer), 128)
+    assert judge_accuracy(model, tiny_tokenizer, rows, scorer) == pytest.approx(expected)
     flipped = [{**r, "chosen": r["rejected"], "rejected": r["chosen"]} for r in rows]
     # Seed rows whose numbers are already sorted have chosen == rejected: a tie, wrong both ways round.
     flipped_expected = (rewards[:, 1] > rewards[:, 0]).float().mean().item()
-    assert judge_accuracy(model, tiny_tokenizer, flipped) == pytest.approx(flipped_expected)
+    assert judge_accuracy(model, tiny_tokenizer, flipped, scorer) == pytest.approx(flipped_expected)

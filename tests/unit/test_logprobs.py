@@ -7,7 +7,8 @@ import torch
 from helpers import ANSWERS, BETA, MESSAGES, _lora, _sequences
 
 from selfee_plugin.judge import score_sequences
-from selfee_plugin.logprobs import completion_logps, sequence_logps, token_budget_batches
+from selfee_plugin.formatting import pad_token_id
+from selfee_plugin.logprobs import Scorer, completion_logps, sequence_logps, token_budget_batches
 
 HALF = [torch.bfloat16, torch.float16]
 
@@ -62,7 +63,7 @@ def test_judged_rewards_of_a_half_precision_model_match_float64(tiny_model_dir, 
         return ours
 
     monkeypatch.setattr(logprobs, "sequence_logps", checked)
-    policy, ref, _, _ = score_sequences(model, tiny_tokenizer, _sequences(tiny_tokenizer, 8), None, max_tokens=64)
+    policy, ref, _, _ = score_sequences(model, _sequences(tiny_tokenizer, 8), Scorer(pad_token_id(tiny_tokenizer), 64))
     assert len(errors) >= 4 and max(errors) <= 5e-4
     rewards = policy.double() - ref.double()
     assert len(set(rewards.tolist())) == len(rewards)  # no ties among distinct answers
