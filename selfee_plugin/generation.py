@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from ._logging import get_logger
 from .args import AUTO_MAX_SEQUENCES
+from .artifacts import PROMPT_TOO_LONG
 from .formatting import format_prompt, pad_token_id, tokenize_prompt
 from .logprobs import eval_mode
 from .memory import auto_batch_sequences, is_out_of_memory, sequence_bytes
@@ -115,7 +116,7 @@ class HFSampler:
         for i, text in enumerate(texts):
             ids = tokenize_prompt(tokenizer, text)
             if len(ids) > cfg.max_prompt_length:
-                out.skipped[i] = "prompt_too_long"
+                out.skipped[i] = PROMPT_TOO_LONG
             else:
                 kept.append((i, ids))
         if out.skipped:

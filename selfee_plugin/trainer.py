@@ -5,7 +5,7 @@ output layer's logits upcast to float32 (`logprobs.float32_logits`) so its log-s
 path; refine rounds add SPA's smoothing of the noisy pairs as a linear term (`loss.linear_smoothing_term`).
 
 Upstream internals this module relies on (read from TRL 1.9.0, transformers 5.16, Axolotl 0.19.0);
-`tests/test_trainer.py::test_upstream_contract` checks each, with its signature where it is a callable:
+`tests/unit/test_trainer.py::test_upstream_contract` checks each, with its signature where it is a callable:
 
 - `DPOTrainer._metrics` (private): `{"train"|"eval": defaultdict(list)}`; we append, TRL's `log()` averages.
 - `DPOTrainer` attributes set in its `__init__` (public names, undocumented): `beta`, `ref_model`, `loss_types`,

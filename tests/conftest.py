@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny local Llama and tokenizer, built once per session; no hub access."""
+"""Shared fixtures (a tiny local Llama, its tokenizer and data, built once per session; no hub access), and the
+`e2e` marker on every test under tests/e2e/. Plain helper functions live in helpers.py: import them from there."""
 
 from __future__ import annotations
 
@@ -17,6 +18,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 import pytest  # noqa: E402
+
+E2E_DIR = Path(__file__).resolve().parent / "e2e"
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest's own hook deselects by `-m`
+def pytest_collection_modifyitems(config, items):
+    """Every test under tests/e2e/ is end to end: it carries the `e2e` marker without saying so, and
+    `-m "not e2e"` leaves it out. A test marked `e2e` elsewhere belongs in tests/e2e/."""
+    for item in items:
+        if E2E_DIR in item.path.resolve().parents:
+            item.add_marker(pytest.mark.e2e)
+        elif item.get_closest_marker("e2e"):
+            item.warn(pytest.PytestWarning("marked e2e outside tests/e2e/: move it there"))
+
 
 WORDS = [str(i) for i in range(10)] + "sort these numbers please answer yes no hello world the a is".split()
 
@@ -77,71 +92,47 @@ def tiny_data_dir(tmp_path_factory):
     return str(path)
 
 
-def tiny_train_config(model_dir: str, data_dir: str, output_dir: str, **overrides) -> dict:
-    """An Axolotl DPO config for the tiny model on CPU, with the plugin and a `selfee:` block."""
-    cfg = {
-        "base_model": model_dir,
-        "tokenizer_type": "AutoTokenizer",
-        "chat_template": "tokenizer_default",
-        "rl": "dpo",
-        "adapter": "lora",
-        "lora_r": 4,
-        "lora_alpha": 8,
-        "lora_dropout": 0.0,
-        "lora_target_linear": True,
-        "datasets": [
-            {"path": f"{data_dir}/seed.jsonl", "ds_type": "json", "split": "train", "type": "chat_template.default"}
-        ],
-        "sequence_len": 64,
-        "micro_batch_size": 4,
-        "gradient_accumulation_steps": 1,
-        "num_epochs": 1,
-        "learning_rate": 1e-3,
-        "optimizer": "adamw_torch",
-        "lr_scheduler": "cosine",
-        "bf16": False,
-        "fp16": False,
-        "output_dir": output_dir,
-        "dataset_prepared_path": f"{output_dir}/prepared",
-        "logging_steps": 1,
-        "save_strategy": "no",
-        "dataloader_num_workers": 0,
-        "dataset_num_proc": 1,
-        "seed": 42,
-        "plugins": ["selfee_plugin.SelfeePlugin"],
-        "selfee": {"rounds": 0, "seed_epochs": 1},
-    }
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
-            cfg[key] = {**cfg[key], **value}
-        else:
-            cfg[key] = value
-    return cfg
+@pytest.fixture(scope="session")
+def example_assets(tiny_model_dir, tiny_data_dir, tmp_path_factory):
+    """Local stand-ins for the example configs' hub assets (helpers.localize): an UltraFeedback-shaped file built
+    from the tiny data, and a tiny LoRA "SFT adapter"."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("example_assets")
+    data = Path(tiny_data_dir)
+    seed = [json.loads(line) for line in (data / "seed.jsonl").read_text().splitlines()]
+    prompts = [json.loads(line)["prompt"] for line in (data / "prompts.jsonl").read_text().splitlines()]
+    pairs = [(r["messages"][0]["content"], r["chosen"]["content"], r["rejected"]["content"]) for r in seed]
+    pairs += [(p, " ".join(sorted(p.split()[1:])), " ".join(p.split()[1:])) for p in prompts]
+    # HuggingFaceH4/ultrafeedback_binarized's columns: prompt, prompt_id, chosen/rejected conversations, messages.
+    with open(root / "ultrafeedback.jsonl", "w") as f:
+        for i, (prompt, chosen, rejected) in enumerate(pairs):
+            user = {"role": "user", "content": prompt}
+            conv_chosen = [user, {"role": "assistant", "content": chosen}]
+            conv_rejected = [user, {"role": "assistant", "content": rejected}]
+            f.write(json.dumps({"prompt": prompt, "prompt_id": str(i), "chosen": conv_chosen,
+                                "rejected": conv_rejected, "messages": conv_chosen,
+                                "score_chosen": 8.0, "score_rejected": 4.0}) + "\n")
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    adapter = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    adapter.save_pretrained(str(root / "sft-lora"))
+    return {"model": tiny_model_dir, "data": tiny_data_dir, "ultrafeedback": str(root / "ultrafeedback.jsonl"),
+            "adapter": str(root / "sft-lora")}
 
 
-def run_axolotl_train(cfg: dict, workdir, timeout: int = 600, check: bool = True, launcher: str = "python"):
-    """Run the real `axolotl train` CLI on `cfg` in a subprocess; returns the CompletedProcess (output merged).
+@pytest.fixture
+def fresh_plugin_manager():
+    """No Axolotl PluginManager singleton before or after the test: plugins one test registers (through
+    `prepare_plugins` or `load_cfg`) are not left for the next. A module that wants it around every test says
+    `pytestmark = pytest.mark.usefixtures("fresh_plugin_manager")`."""
+    from axolotl.integrations.base import PluginManager
 
-    `--launcher python` (one of Axolotl's launchers) runs training in the CLI's own process instead of starting a
-    second one through accelerate: the same code path on one CPU process, about 10 s less per run.
-    """
-    import subprocess
-    import sys
-
-    import yaml
-
-    path = os.path.join(str(workdir), "config.yml")
-    with open(path, "w") as f:
-        yaml.safe_dump(cfg, f)
-    axolotl = os.path.join(os.path.dirname(sys.executable), "axolotl")
-    proc = subprocess.run(
-        [axolotl, "train", path, "--launcher", launcher], cwd=str(workdir), capture_output=True, text=True, timeout=timeout,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    proc.output = proc.stdout + proc.stderr
-    if check and proc.returncode != 0:
-        raise AssertionError(f"axolotl train failed ({proc.returncode}):\n{proc.output[-6000:]}")
-    return proc
+    PluginManager._instance = None
+    yield
+    PluginManager._instance = None
 
 
 @pytest.fixture

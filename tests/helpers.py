@@ -1,10 +1,25 @@
-"""Shared test helpers for the judge and annotation tests: prompts, answers, LoRA wrapping, plain log-probs."""
+"""Plain helper functions shared by the test files (fixtures live in conftest.py): Axolotl configs for the tiny
+model and the real `axolotl train` CLI, judged-pair files, the example configs made local, and, for the judge and
+annotation tests, prompts, answers, LoRA wrapping and plain log-probs."""
 
 from __future__ import annotations
 
+import copy
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
+import yaml
 
 from selfee_plugin.formatting import format_completion, format_prompt, tokenize_completion
+
+TESTS_DIR = Path(__file__).resolve().parent
+REPO_ROOT = TESTS_DIR.parent
+EXAMPLES_DIR = REPO_ROOT / "example_configs"
 
 BETA = 0.1
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -62,3 +77,158 @@ def _dpo_trainer(model, tokenizer, tmp_path, dataset, new_lora=True):
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS) if new_lora else None,
     )
+
+
+def _completion_logp(model, tokenizer, prompt: str, completion: str) -> float:
+    """log pi(completion | prompt) from the prompt and completion texts, one unpadded forward, log-softmax in
+    float32: independent of the judge's batching."""
+    prompt_ids, completion_ids = tokenize_completion(tokenizer, prompt, completion)
+    ids = torch.tensor([prompt_ids + completion_ids])
+    with torch.no_grad():
+        logprobs = model(input_ids=ids).logits[0].float().log_softmax(-1)
+    target = ids[0, len(prompt_ids):]
+    return logprobs[len(prompt_ids) - 1 : -1].gather(1, target[:, None]).sum().item()
+
+
+def _rows(path) -> list[dict]:
+    """The rows of a JSON Lines file (judged pairs, a demo split)."""
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+# ---------------------------------------------------------------------------------------- configs and the CLI
+
+
+def tiny_train_config(model_dir: str, data_dir: str, output_dir: str, **overrides) -> dict:
+    """An Axolotl DPO config for the tiny model on CPU, with the plugin and a `selfee:` block."""
+    cfg = {
+        "base_model": model_dir,
+        "tokenizer_type": "AutoTokenizer",
+        "chat_template": "tokenizer_default",
+        "rl": "dpo",
+        "adapter": "lora",
+        "lora_r": 4,
+        "lora_alpha": 8,
+        "lora_dropout": 0.0,
+        "lora_target_linear": True,
+        "datasets": [
+            {"path": f"{data_dir}/seed.jsonl", "ds_type": "json", "split": "train", "type": "chat_template.default"}
+        ],
+        "sequence_len": 64,
+        "micro_batch_size": 4,
+        "gradient_accumulation_steps": 1,
+        "num_epochs": 1,
+        "learning_rate": 1e-3,
+        "optimizer": "adamw_torch",
+        "lr_scheduler": "cosine",
+        "bf16": False,
+        "fp16": False,
+        "output_dir": output_dir,
+        "dataset_prepared_path": f"{output_dir}/prepared",
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "dataloader_num_workers": 0,
+        "dataset_num_proc": 1,
+        "seed": 42,
+        "plugins": ["selfee_plugin.SelfeePlugin"],
+        "selfee": {"rounds": 0, "seed_epochs": 1},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+            cfg[key] = {**cfg[key], **value}
+        else:
+            cfg[key] = value
+    return cfg
+
+
+def tiny_rounds_config(model_dir: str, data_dir: str, out, rounds, batch_size: int, selfee: dict | None = None,
+                       **overrides) -> dict:
+    """`tiny_train_config` with SELFEE rounds on the tiny prompt pool: one seed epoch, 8 new tokens at temperature 1,
+    `batch_size` prompts per generation batch and per judged chunk; `selfee` replaces keys of that block."""
+    block = {
+        "rounds": rounds, "seed_epochs": 1,
+        "prompts": [{"path": f"{data_dir}/prompts.jsonl", "ds_type": "json", "type": "prompt"}],
+        "generation": {"max_new_tokens": 8, "batch_size": batch_size, "chunk_size": batch_size, "temperature": 1.0},
+        "judge": {"batch_tokens": 256}, **(selfee or {}),
+    }
+    return tiny_train_config(model_dir, data_dir, str(out), selfee=block, **overrides)
+
+
+def run_axolotl_train(cfg: dict, workdir, timeout: int = 600, check: bool = True, launcher: str = "python"):
+    """Run the real `axolotl train` CLI on `cfg` in a subprocess; returns the CompletedProcess (output merged).
+
+    `--launcher python` (one of Axolotl's launchers) runs training in the CLI's own process instead of starting a
+    second one through accelerate: the same code path on one CPU process, about 10 s less per run.
+    """
+    path = os.path.join(str(workdir), "config.yml")
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f)
+    axolotl = os.path.join(os.path.dirname(sys.executable), "axolotl")
+    proc = subprocess.run(
+        [axolotl, "train", path, "--launcher", launcher], cwd=str(workdir), capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    proc.output = proc.stdout + proc.stderr
+    if check and proc.returncode != 0:
+        raise AssertionError(f"axolotl train failed ({proc.returncode}):\n{proc.output[-6000:]}")
+    return proc
+
+
+# ---------------------------------------------------------------------------------------- example configs, local
+
+# Axolotl DPO types that read UltraFeedback-style rows: chosen/rejected are whole conversations.
+ULTRAFEEDBACK_TYPES = {"chat_template.argilla_chat", "chatml.ultra", "llama3.ultra"}
+
+
+def load_example(path: Path) -> dict:
+    with open(path) as f:
+        return yaml.safe_load(f)
+
+
+def _local_split(split: str | None) -> str:
+    """`train_prefs[2000:30000]` -> `train[20:300]`: a local file has one split, and 56 rows instead of 61K."""
+    if not split:
+        return "train"
+    match = re.fullmatch(r"\s*\w+\s*(\[.*\])?\s*", split)
+    assert match, f"unexpected split syntax {split!r}"
+    bounds = match.group(1) or ""
+    return "train" + re.sub(r"\d+", lambda m: str(int(m.group()) // 100), bounds)
+
+
+def _local_preference_entry(entry: dict, assets: dict) -> dict:
+    """A DPO dataset entry pointed at local data of the same shape, keeping its `type` where the data fits it."""
+    if entry.get("type") in ULTRAFEEDBACK_TYPES:
+        return {**entry, "path": assets["ultrafeedback"], "split": _local_split(entry.get("split"))}
+    return {"path": f"{assets['data']}/seed.jsonl", "split": _local_split(entry.get("split")),
+            "type": "chat_template.default"}
+
+
+def _local_prompt_entry(entry: dict, assets: dict) -> dict:
+    if entry.get("type") == "ultrafeedback":
+        return {"path": assets["ultrafeedback"], "type": "ultrafeedback", "split": _local_split(entry.get("split"))}
+    return {"path": f"{assets['data']}/prompts.jsonl", "type": "prompt", "split": _local_split(entry.get("split"))}
+
+
+def localize(raw: dict, assets: dict, out_dir: Path) -> dict:
+    """The example with the tiny local model, adapter and data (conftest's `example_assets`) in place of the hub
+    ones; everything else as written."""
+    cfg = copy.deepcopy(raw)
+    cfg["base_model"] = assets["model"]
+    for key in ("base_model_config", "tokenizer_config"):
+        if key in cfg:
+            cfg[key] = assets["model"]
+    if "lora_model_dir" in cfg:
+        cfg["lora_model_dir"] = assets["adapter"]
+    cfg["output_dir"] = str(out_dir / "out")
+    cfg["dataset_prepared_path"] = str(out_dir / "prepared")
+    if "datasets" in cfg:  # absent in a no-seed example
+        cfg["datasets"] = [_local_preference_entry(e, assets) for e in cfg["datasets"] or []]
+    selfee = cfg["selfee"]
+    if selfee.get("prompts"):
+        selfee["prompts"] = [_local_prompt_entry(e, assets) for e in selfee["prompts"]]
+    judge = selfee.get("judge") or {}
+    if judge.get("eval_pairs"):
+        judge["eval_pairs"] = _local_preference_entry(judge["eval_pairs"], assets)
+    if judge.get("reference_model"):
+        judge["reference_model"] = assets["model"]
+    return cfg

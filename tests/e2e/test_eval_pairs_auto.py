@@ -9,7 +9,7 @@ import pytest
 
 @pytest.mark.e2e
 def test_auto_eval_pairs_are_held_out_of_the_seed_round_and_measure_the_judge(tiny_model_dir, tiny_data_dir, tmp_path):
-    from conftest import run_axolotl_train, tiny_train_config
+    from helpers import run_axolotl_train, tiny_train_config
 
     out = tmp_path / "out"
     selfee = {

@@ -9,7 +9,7 @@ import re
 
 import pytest
 import yaml
-from conftest import tiny_train_config
+from helpers import tiny_train_config
 
 
 def _write(path, text: str | bytes):

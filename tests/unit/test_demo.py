@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import statistics
 
 import pytest
+from helpers import _rows
 
 from selfee_demo.task import (
     count_inversions,
@@ -173,11 +173,6 @@ def demo_dir(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("demo"))
     build_demo(out, seed=0, **SMALL)
     return out
-
-
-def _rows(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f]
 
 
 def _assert_pair_shape(row):

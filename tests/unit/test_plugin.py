@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from conftest import tiny_train_config
+from helpers import tiny_train_config
 
 
 def test_invalid_selfee_block_fails_before_model_load(tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch):

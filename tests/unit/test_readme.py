@@ -8,7 +8,7 @@ from pydantic import BaseModel
 
 from selfee_plugin.args import PromptDataset, SelfeeConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
 
 

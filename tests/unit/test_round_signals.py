@@ -6,7 +6,7 @@ import importlib.util
 import math
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "round_signals.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "round_signals.py"
 
 
 def _module():

@@ -1,4 +1,5 @@
-"""The whole SELFEE loop through the real `axolotl train` CLI: rounds, artifacts, references, resume."""
+"""The whole SELFEE loop through the real `axolotl train` CLI: rounds, artifacts, references, resume. In-process
+tests of the resume rules: tests/unit/test_rounds.py."""
 
 from __future__ import annotations
 
@@ -10,10 +11,9 @@ import sys
 import time
 
 import pytest
-from types import SimpleNamespace
 import torch
 import yaml
-from conftest import run_axolotl_train, tiny_train_config
+from helpers import _completion_logp, _rows, run_axolotl_train, tiny_rounds_config
 
 from selfee_plugin.patches import bitsandbytes_cpu_weight_packing
 
@@ -21,18 +21,7 @@ ROUNDS = [6, 6]
 
 
 def _selfee_cfg(model_dir, data_dir, out, rounds=ROUNDS, batch_size=2, **overrides):
-    selfee = {
-        "rounds": rounds,
-        "seed_epochs": 1,
-        "prompts": [{"path": f"{data_dir}/prompts.jsonl", "ds_type": "json", "type": "prompt"}],
-        "generation": {"max_new_tokens": 8, "batch_size": batch_size, "chunk_size": batch_size, "temperature": 1.0},
-        "judge": {"batch_tokens": 256},
-    }
-    return tiny_train_config(model_dir, data_dir, str(out), selfee=selfee, **overrides)
-
-
-def _rows(path):
-    return [json.loads(line) for line in open(path)]
+    return tiny_rounds_config(model_dir, data_dir, out, rounds=rounds, batch_size=batch_size, **overrides)
 
 
 def _check_artifacts(out, rounds=ROUNDS):
@@ -62,8 +51,6 @@ def _policy_logps(model_dir, adapter_dir, rows, load_in_4bit=False):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    from selfee_plugin.formatting import tokenize_completion
-
     kwargs = {"dtype": torch.float32}
     if load_in_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32,
@@ -71,19 +58,10 @@ def _policy_logps(model_dir, adapter_dir, rows, load_in_4bit=False):
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, **kwargs), adapter_dir).eval()
     bitsandbytes_cpu_weight_packing.apply(model)  # the plugin's own setting: no bf16 repacking on AVX512-BF16 CPUs
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    out = []
-    for row in rows:
-        for completion in row["completions"]:
-            prompt_ids, completion_ids = tokenize_completion(tokenizer, row["prompt"], completion)
-            ids = torch.tensor([prompt_ids + completion_ids])
-            with torch.no_grad():
-                logprobs = model(input_ids=ids).logits[0].float().log_softmax(-1)
-            target = ids[0, len(prompt_ids):]
-            out.append(logprobs[len(prompt_ids) - 1 : -1].gather(1, target[:, None]).sum().item())
-    return out
+    return [_completion_logp(model, tokenizer, row["prompt"], completion)
+            for row in rows for completion in row["completions"]]
 
 
-@pytest.mark.e2e
 @pytest.mark.parametrize("adapter", ["lora", "qlora"])
 def test_seed_round_and_two_rounds_through_the_cli(adapter, tiny_model_dir, tiny_data_dir, tmp_path):
     out = tmp_path / "out"
@@ -138,7 +116,6 @@ def _rerun_refuses_a_changed_beta_then_appends_a_round(cfg, out, tmp_path):
     assert [row["selfee/round"] for row in summary] == [0, 1, 2, 3]
 
 
-@pytest.mark.e2e
 def test_sigkill_during_round_2_then_rerun_finishes_everything(tiny_model_dir, tiny_data_dir, tmp_path):
     out = tmp_path / "out"
     rounds = [4, 16]  # one prompt per judged chunk in round 2: a wide window to kill it mid-round
@@ -181,87 +158,5 @@ def test_sigkill_during_round_2_then_rerun_finishes_everything(tiny_model_dir, t
     assert long_rows > 0 and too_long == long_rows
     metrics = json.loads((out / "selfee" / "round_2" / "metrics.json").read_text())
     assert metrics["selfee/prompts_resumed"] == written
-    # A third run of the finished output_dir: test_rerunning_a_finished_run_loads_the_last_policy_and_trains_nothing.
-
-
-def _resume_cfg(tmp_path, **overrides):
-    from axolotl.utils.dict import DictDefault
-
-    from selfee_plugin.args import SelfeeConfig
-
-    cfg = DictDefault({"base_model": "m", "adapter": "lora", "rl": "dpo", "rl_beta": 0.1, "learning_rate": 1e-4,
-                       "output_dir": str(tmp_path), "datasets": [{"path": "seed.jsonl", "split": "train"}]})
-    selfee = {"rounds": [6, 6], "prompts": [{"path": "p.jsonl"}]}
-    for key, value in overrides.items():
-        if key == "selfee":
-            selfee.update(value)
-        else:
-            cfg[key] = value
-    pool = SimpleNamespace(ids=["0:0"], messages=[[{"role": "user", "content": "hi"}]])
-    return cfg, SelfeeConfig(**selfee), pool
-
-
-@pytest.mark.parametrize("change,named", [
-    ({"rl_beta": 0.2}, r"rl_beta: 0\.1 -> 0\.2"),
-    ({"learning_rate": 5e-4}, r"learning_rate: 0\.0001 -> 0\.0005"),
-    ({"dpo_loss_type": ["ipo"]}, r"dpo_loss_type: None -> \['ipo'\]"),
-    ({"chat_template": "chatml"}, r"chat_template: None -> 'chatml'"),
-    ({"datasets": [{"path": "seed.jsonl", "split": "test"}]}, r"datasets: .*'train'.* -> .*'test'"),
-    ({"selfee": {"seed_epochs": 1}}, r"selfee\.seed_epochs: 3\.0 -> 1"),
-    ({"selfee": {"rounds": [6, 8]}}, r"selfee\.rounds: \[6, 6\] -> \[6, 8\]"),
-])
-def test_resume_refuses_a_changed_setting_naming_it_and_both_ways_out(tmp_path, change, named):
-    from selfee_plugin.resume import check_resume, save_state
-
-    state = check_resume(*_resume_cfg(tmp_path))
-    state["completed"] = [0, 1]
-    save_state(tmp_path / "selfee", state)
-    with pytest.raises(ValueError, match=named) as error:
-        check_resume(*_resume_cfg(tmp_path, **change))
-    assert "restore these settings" in str(error.value) and "new output_dir" in str(error.value)
-
-
-def test_resume_accepts_appended_rounds_and_speed_settings(tmp_path):
-    from selfee_plugin.resume import check_resume, save_state
-
-    state = check_resume(*_resume_cfg(tmp_path))
-    state["completed"] = [0, 1, 2]
-    save_state(tmp_path / "selfee", state)
-    faster = {"generation": {"batch_size": 64, "chunk_size": 8, "merge_adapter": True}, "judge": {"batch_tokens": 99}}
-    assert check_resume(*_resume_cfg(tmp_path, selfee=faster))["completed"] == [0, 1, 2]
-    appended = check_resume(*_resume_cfg(tmp_path, selfee={"rounds": [6, 6, 6]}))
-    assert appended["completed"] == [0, 1, 2] and appended["fingerprint"]["selfee.round_sizes"] == [6, 6, 6]
-
-
-def test_rerunning_a_finished_run_loads_the_last_policy_and_trains_nothing(tiny_model_dir, tmp_path, selfee_logs):
-    """`axolotl train` again on an output_dir whose every round is in state.json: the last round's adapter is loaded
-    into the policy, the run says so, and nothing is generated, judged or trained (the prompt pool is never read)."""
-    from types import SimpleNamespace
-
-    from helpers import _lora
-    from transformers import AutoModelForCausalLM
-
-    from selfee_plugin.rounds import RoundRunner
-
-    def fresh():
-        return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-
-    root = tmp_path / "selfee"
-    last = _lora(fresh(), seed=1)  # random B: the saved policy differs from a fresh adapter (B = 0)
-    last.save_pretrained(str(root / "round_2" / "adapter"))
-    policy = _lora(fresh(), seed=None)
-    runner = RoundRunner.__new__(RoundRunner)
-    runner.root, runner.model, runner.peft = root, policy, True
-    runner.selfee = SimpleNamespace(round_sizes=[4, 16])
-    runner.state = {"completed": [0, 1, 2]}
-    runner.trainer = SimpleNamespace(train_dataset=None, prompt_pool=None)
-    runner.train_fn = lambda: pytest.fail("a finished run trained again")
-    selfee_logs.handler.setLevel("INFO")
-    runner.run()
-
-    assert "every round in" in selfee_logs.text and "already finished; nothing to train" in selfee_logs.text
-    saved = {name: p for name, p in last.named_parameters() if "lora_" in name}
-    loaded = {name: p for name, p in policy.named_parameters() if "lora_" in name}
-    assert loaded.keys() == saved.keys() and any("lora_B" in name for name in saved)
-    for name, value in saved.items():
-        torch.testing.assert_close(loaded[name], value, rtol=0, atol=0, msg=name)
+    # A third run of the finished output_dir: tests/unit/test_rounds.py,
+    # test_rerunning_a_finished_run_loads_the_last_policy_and_trains_nothing.

@@ -1,4 +1,5 @@
-"""Several processes: prompt shards, metric reduction, refused setups, and the loop under torchrun on CPU (gloo)."""
+"""Several processes under torchrun on CPU (gloo): a round resumed across a world-size change, and the loop through
+the CLI with two processes, killed and finished under one."""
 
 from __future__ import annotations
 
@@ -9,138 +10,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
-import pytest
 import yaml
-from conftest import tiny_train_config
+from helpers import TESTS_DIR, _rows, tiny_rounds_config
 
-from selfee_plugin import distributed
 from selfee_plugin.artifacts import pairs_part_paths, read_judged_rows
 
-TESTS = Path(__file__).resolve().parent
-
-
-# ---------------------------------------------------------------------------------------- shards and metrics
-
-
-@pytest.mark.parametrize("world", [1, 2, 3, 4])
-def test_every_prompt_goes_to_exactly_one_rank_and_shards_differ_by_at_most_one(world):
-    items = [(f"0:{k}", [{"role": "user", "content": str(k)}]) for k in range(10)]
-    shards = [distributed.shard(items, r, world) for r in range(world)]
-    ids = [pid for s in shards for pid, _ in s]
-    assert sorted(ids) == sorted(pid for pid, _ in items) and len(ids) == len(set(ids))
-    assert max(map(len, shards)) - min(map(len, shards)) <= 1
-    assert shards[0][0] == items[0] and (world == 1 or shards[1][0] == items[1])  # dealt in pool order
-
-
-def test_rank_metrics_reduce_to_the_rounds_wall_time_throughput_and_batch():
-    """2 ranks ran at once: the round waited for the slower (max seconds), produced tokens at the sum of the rates,
-    judged the sum of their shards; the smallest batch a rank used is reported, a rank with nothing to generate
-    (batch 0) is not counted; other keys come from rank 0."""
-    rank0 = {"selfee/prompts_annotated": 3.0, "selfee/seconds_generate": 3.0, "selfee/seconds_judge": 1.0,
-             "selfee/generation_tokens_per_second": 100.0, "selfee/judge_tokens_per_second": 1000.0,
-             "selfee/generation_batch_prompts": 8.0, "selfee/other": 7.0}
-    rank1 = {"selfee/prompts_annotated": 2.0, "selfee/seconds_generate": 5.0, "selfee/seconds_judge": 0.5,
-             "selfee/generation_tokens_per_second": 60.0, "selfee/judge_tokens_per_second": 900.0,
-             "selfee/generation_batch_prompts": 4.0, "selfee/other": 9.0}
-    idle = {**rank1, "selfee/generation_batch_prompts": 0.0}
-    assert distributed.reduce_metrics([rank0, rank1]) == {
-        "selfee/prompts_annotated": 5.0, "selfee/seconds_generate": 5.0, "selfee/seconds_judge": 1.0,
-        "selfee/generation_tokens_per_second": 160.0, "selfee/judge_tokens_per_second": 1900.0,
-        "selfee/generation_batch_prompts": 4.0, "selfee/other": 7.0,
-    }
-    assert distributed.reduce_metrics([rank0, idle])["selfee/generation_batch_prompts"] == 8.0
-    assert distributed.reduce_metrics([rank0]) == rank0
-    # judge accuracy: 3 of 4 right on rank 0, 0 of 1 on rank 1 -> 3 of 5 over the held-out set
-    assert distributed.weighted_mean([(0.75, 4), (0.0, 1)]) == pytest.approx(0.6)
-    assert distributed.weighted_mean([(0.0, 0), (0.0, 0)]) == 0.0
-
-
-def test_one_process_is_rank_0_of_1():
-    assert (distributed.world_size(), distributed.rank(), distributed.is_main()) == (1, 0, True)
-    assert distributed.broadcast({"a"}) == {"a"} and distributed.gather(3) == [3]
-    distributed.barrier()  # no process group: returns
-
-
-def test_processes_that_would_each_train_alone_are_refused(monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    lonely = SimpleNamespace(accelerator=SimpleNamespace(num_processes=1, distributed_type="NO"))
-    with pytest.raises(RuntimeError, match=r"WORLD_SIZE=2 processes, but the trainer runs 1 .*ACCELERATE_USE_CPU"):
-        distributed.check_world(lonely)
-    distributed.check_world(SimpleNamespace(accelerator=SimpleNamespace(num_processes=2)))
-
-
-# ---------------------------------------------------------------------------------------- refused setups
-
-
-@pytest.fixture
-def no_launcher_env(monkeypatch):
-    for key in ("ACCELERATE_DEEPSPEED_ZERO_STAGE", "ACCELERATE_USE_FSDP"):
-        monkeypatch.delenv(key, raising=False)
-    return monkeypatch
-
-
-def _zero_config(tmp_path, stage: int) -> str:
-    path = tmp_path / f"zero{stage}.json"
-    path.write_text(json.dumps({"zero_optimization": {"stage": stage}, "train_micro_batch_size_per_gpu": "auto"}))
-    return str(path)
-
-
-@pytest.mark.parametrize("setting,env,named", [
-    ("zero3_file", {}, r"deepspeed: .*zero3\.json \(zero_optimization\.stage: 3\)"),
-    ({"deepspeed": {"zero_optimization": {"stage": 3}}}, {}, r"zero_optimization\.stage: 3"),
-    ({"fsdp_config": {"fsdp_version": 2, "reshard_after_forward": True}}, {}, r"fsdp_config: \{'fsdp_version': 2"),
-    ({"tensor_parallel_size": 2}, {}, r"tensor_parallel_size: 2"),
-    ({"context_parallel_size": 4}, {}, r"context_parallel_size: 4"),
-    ({}, {"ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, r"ACCELERATE_DEEPSPEED_ZERO_STAGE=3"),
-    ({}, {"ACCELERATE_USE_FSDP": "true"}, r"ACCELERATE_USE_FSDP=true"),
-])
-def test_sharded_weights_are_refused_naming_the_key_the_value_and_what_works(
-    setting, env, named, no_launcher_env, tmp_path
-):
-    from axolotl.utils.dict import DictDefault
-
-    cfg = DictDefault({"deepspeed": _zero_config(tmp_path, 3)} if setting == "zero3_file" else setting)
-    for key, value in env.items():
-        no_launcher_env.setenv(key, value)
-    with pytest.raises(ValueError, match=named) as error:
-        distributed.check_parallelism(cfg)
-    message = str(error.value)
-    assert "shard the model's weights" in message
-    assert "--launcher torchrun -- --nproc_per_node N" in message and "ZeRO-2" in message
-
-
-def test_setups_where_every_rank_holds_the_whole_model_are_accepted(no_launcher_env, tmp_path):
-    from axolotl.utils.dict import DictDefault
-
-    for cfg in ({}, {"deepspeed": _zero_config(tmp_path, 2)}, {"deepspeed": {"zero_optimization": {"stage": 1}}},
-                {"tensor_parallel_size": 1, "context_parallel_size": None}):
-        distributed.check_parallelism(DictDefault(cfg))
-    no_launcher_env.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
-    distributed.check_parallelism(DictDefault({"deepspeed": _zero_config(tmp_path, 2)}))  # the config file decides
-
-
-def test_the_plugin_refuses_zero3_in_pre_model_load_which_axolotl_calls_before_building_the_model(
-    no_launcher_env, tmp_path
-):
-    """The refusal comes first in `pre_model_load` (before the prompt pool is even read), and Axolotl 0.19's
-    `ModelLoader.load` runs that hook before `_build_model` loads any weight."""
-    import inspect
-
-    from axolotl.loaders.model import ModelLoader
-    from axolotl.utils.dict import DictDefault
-
-    from selfee_plugin.plugin import SelfeePlugin
-
-    cfg = DictDefault({"rl": "dpo", "deepspeed": _zero_config(tmp_path, 3), "output_dir": str(tmp_path / "out"),
-                       "selfee": {"rounds": [4], "prompts": [{"path": str(tmp_path / "absent.jsonl")}]}})
-    with pytest.raises(ValueError, match=r"selfee cannot run with deepspeed: .*zero3\.json"):
-        SelfeePlugin().pre_model_load(cfg)
-    source = inspect.getsource(ModelLoader.load)
-    assert source.index("PLUGIN_MANAGER.pre_model_load(") < source.index("self._build_model()"), (
-        "Axolotl's ModelLoader.load no longer calls pre_model_load before building the model: move the refusal"
-    )
+WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
 
 
 # ---------------------------------------------------------------------------------------- torchrun, gloo
@@ -148,7 +24,8 @@ def test_the_plugin_refuses_zero3_in_pre_model_load_which_axolotl_calls_before_b
 
 def _torchrun_env() -> dict:
     # One thread per process: two processes share the 2 CI cores. No accelerator anywhere on this path.
-    path = os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH")) if p)
+    # tests/ on the path: the worker imports helpers.
+    path = os.pathsep.join(p for p in (str(TESTS_DIR), os.environ.get("PYTHONPATH")) if p)
     return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
 
 
@@ -178,8 +55,7 @@ def test_a_round_killed_under_one_process_finishes_under_two_judging_each_prompt
 
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(TESTS / "distributed_worker.py"),
-         tiny_model_dir, str(tmp_path)],
+         str(WORKER), tiny_model_dir, str(tmp_path)],
         capture_output=True, text=True, timeout=300, env=_torchrun_env(),
     )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
@@ -198,16 +74,6 @@ def test_a_round_killed_under_one_process_finishes_under_two_judging_each_prompt
 
 
 # ---------------------------------------------------------------------------------------- the CLI, end to end
-
-
-def _selfee_cfg(model_dir, data_dir, out, rounds, batch_size):
-    selfee = {
-        "rounds": rounds, "seed_epochs": 1,
-        "prompts": [{"path": f"{data_dir}/prompts.jsonl", "ds_type": "json", "type": "prompt"}],
-        "generation": {"max_new_tokens": 8, "batch_size": batch_size, "chunk_size": batch_size, "temperature": 1.0},
-        "judge": {"batch_tokens": 256},
-    }
-    return tiny_train_config(model_dir, data_dir, str(out), selfee=selfee)
 
 
 def _axolotl_train(cfg: dict, workdir: Path, nproc: int) -> list[str]:
@@ -237,16 +103,11 @@ def _one_process_prompt_ids(cfg: dict) -> list[list[str]]:
     return [[pid for pid, _ in chunk] for chunk in chunks]
 
 
-def _rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-@pytest.mark.e2e
 def test_two_processes_through_the_cli_run_every_round_judging_each_prompt_once(
     tiny_model_dir, tiny_data_dir, tmp_path
 ):
     out = tmp_path / "out"
-    cfg = _selfee_cfg(tiny_model_dir, tiny_data_dir, out, rounds=[6, 6], batch_size=2)
+    cfg = tiny_rounds_config(tiny_model_dir, tiny_data_dir, out, rounds=[6, 6], batch_size=2)
     output = _run(_axolotl_train(cfg, tmp_path, nproc=2), tmp_path)
     assert "2 processes without an accelerator: model loaded with device_map {'': 'cpu'}" in output
     for t in (1, 2):
@@ -285,14 +146,13 @@ def _kill_tree(proc: subprocess.Popen) -> None:
         time.sleep(0.1)
 
 
-@pytest.mark.e2e
 def test_two_process_run_killed_in_round_2_finishes_under_one_process(tiny_model_dir, tiny_data_dir, tmp_path):
     """Resume across a world-size change, 2 -> 1, through the CLI: kill every process while round 2 is being
     generated and judged (one prompt per chunk, so per written row), rerun with one process: nothing lost, nothing
     judged twice, the rows written before the kill kept as they were."""
     out = tmp_path / "out"
     rounds = [4, 16]
-    cfg = _selfee_cfg(tiny_model_dir, tiny_data_dir, out, rounds=rounds, batch_size=1)
+    cfg = tiny_rounds_config(tiny_model_dir, tiny_data_dir, out, rounds=rounds, batch_size=1)
     round_2 = out / "selfee" / "round_2"
     log = open(tmp_path / "first.log", "w")
     proc = subprocess.Popen(_axolotl_train(cfg, tmp_path, nproc=2), cwd=tmp_path, stdout=log,

@@ -4,47 +4,38 @@ Each file is loaded as written, its hub model swapped for the tiny local Llama (
 tiny local adapter), its hub datasets for local files shaped like them, and then run through what `axolotl train`
 does before loading a model: `prepare_plugins`, `validate_config` (with a bf16-capable GPU's capabilities, as the
 CLI passes them) and `normalize_config`. Axolotl ignores unknown top-level keys, so a separate check makes a
-typo in any key of an example an error. No model is trained here.
+typo in any key of an example an error. No model is trained here; tests/e2e/test_example_configs_e2e.py trains one
+example through the CLI.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import re
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from helpers import EXAMPLES_DIR, load_example, localize
 
 from selfee_plugin.args import SelfeeConfig, parse_selfee
 
-EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "example_configs"
+pytestmark = pytest.mark.usefixtures("fresh_plugin_manager")
+
 # Examples that reuse a SELFEE run's outputs in a plain recipe (no `selfee:` block) are validated by their own
-# test file: ipo-on-judged-pairs.yml by tests/test_judged_pairs.py.
+# test file: ipo-on-judged-pairs.yml by the judged-pairs tests.
 EXAMPLES = sorted(p for p in EXAMPLES_DIR.glob("*.yml") if "selfee" in yaml.safe_load(p.read_text()))
 EXPECTED = {"zephyr-7b-qlora.yml", "llama3-8b-lora.yml", "phi2-lora.yml", "qwen2.5-0.5b-full.yml",
             "from-sft-adapter.yml", "no-seed-qwen2.5-1.5b-lora.yml"}
 # What `axolotl train` passes to validate_config on a bf16-capable GPU (cli/config.py gpu_capabilities).
 GPU_CAPABILITIES = {"bf16": True, "fp8": False, "tf32": True, "n_gpu": 1, "compute_capability": "sm_89"}
-# Axolotl DPO types that read UltraFeedback-style rows: chosen/rejected are whole conversations.
-ULTRAFEEDBACK_TYPES = {"chat_template.argilla_chat", "chatml.ultra", "llama3.ultra"}
 # Keys Axolotl's dataset loader reads beyond its DPODataset schema (eval_pairs entries go to the loader as is).
 LOADER_KEYS = {"name", "ds_type", "data_files", "revision", "split", "path", "type"}
 
 
 def _ids(paths):
     return [p.name for p in paths]
-
-
-@pytest.fixture(autouse=True)
-def fresh_plugin_manager():
-    from axolotl.integrations.base import PluginManager
-
-    PluginManager._instance = None
-    yield
-    PluginManager._instance = None
 
 
 @pytest.fixture
@@ -60,93 +51,11 @@ def keep_torch_precision():
             backend.fp32_precision = value
 
 
-@pytest.fixture(scope="module")
-def local_assets(tiny_model_dir, tiny_data_dir, tmp_path_factory):
-    """Local stand-ins: an UltraFeedback-shaped file built from the tiny data, and a tiny LoRA "SFT adapter"."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    root = tmp_path_factory.mktemp("example_assets")
-    data = Path(tiny_data_dir)
-    seed = [json.loads(line) for line in (data / "seed.jsonl").read_text().splitlines()]
-    prompts = [json.loads(line)["prompt"] for line in (data / "prompts.jsonl").read_text().splitlines()]
-    pairs = [(r["messages"][0]["content"], r["chosen"]["content"], r["rejected"]["content"]) for r in seed]
-    pairs += [(p, " ".join(sorted(p.split()[1:])), " ".join(p.split()[1:])) for p in prompts]
-    # HuggingFaceH4/ultrafeedback_binarized's columns: prompt, prompt_id, chosen/rejected conversations, messages.
-    with open(root / "ultrafeedback.jsonl", "w") as f:
-        for i, (prompt, chosen, rejected) in enumerate(pairs):
-            user = {"role": "user", "content": prompt}
-            conv_chosen = [user, {"role": "assistant", "content": chosen}]
-            conv_rejected = [user, {"role": "assistant", "content": rejected}]
-            f.write(json.dumps({"prompt": prompt, "prompt_id": str(i), "chosen": conv_chosen,
-                                "rejected": conv_rejected, "messages": conv_chosen,
-                                "score_chosen": 8.0, "score_rejected": 4.0}) + "\n")
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    adapter = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    adapter.save_pretrained(str(root / "sft-lora"))
-    return {"model": tiny_model_dir, "data": tiny_data_dir, "ultrafeedback": str(root / "ultrafeedback.jsonl"),
-            "adapter": str(root / "sft-lora")}
-
-
-def _load(path: Path) -> dict:
-    with open(path) as f:
-        return yaml.safe_load(f)
-
-
-def _local_split(split: str | None) -> str:
-    """`train_prefs[2000:30000]` -> `train[20:300]`: a local file has one split, and 56 rows instead of 61K."""
-    if not split:
-        return "train"
-    match = re.fullmatch(r"\s*\w+\s*(\[.*\])?\s*", split)
-    assert match, f"unexpected split syntax {split!r}"
-    bounds = match.group(1) or ""
-    return "train" + re.sub(r"\d+", lambda m: str(int(m.group()) // 100), bounds)
-
-
 def _sliced_rows(entry) -> int:
     """Rows a local entry's split such as `train[20:40]` should select from its JSON Lines file."""
     bounds = re.search(r"\[(\d*):(\d*)\]", entry["split"])
     start, stop = (int(b) if b else None for b in bounds.groups()) if bounds else (None, None)
     return len(range(len(Path(entry["path"]).read_text().splitlines()))[start:stop])
-
-
-def _local_preference_entry(entry: dict, assets: dict) -> dict:
-    """A DPO dataset entry pointed at local data of the same shape, keeping its `type` where the data fits it."""
-    if entry.get("type") in ULTRAFEEDBACK_TYPES:
-        return {**entry, "path": assets["ultrafeedback"], "split": _local_split(entry.get("split"))}
-    return {"path": f"{assets['data']}/seed.jsonl", "split": _local_split(entry.get("split")),
-            "type": "chat_template.default"}
-
-
-def _local_prompt_entry(entry: dict, assets: dict) -> dict:
-    if entry.get("type") == "ultrafeedback":
-        return {"path": assets["ultrafeedback"], "type": "ultrafeedback", "split": _local_split(entry.get("split"))}
-    return {"path": f"{assets['data']}/prompts.jsonl", "type": "prompt", "split": _local_split(entry.get("split"))}
-
-
-def localize(raw: dict, assets: dict, out_dir: Path) -> dict:
-    """The example with the tiny local model, adapter and data in place of the hub ones; everything else as written."""
-    cfg = copy.deepcopy(raw)
-    cfg["base_model"] = assets["model"]
-    for key in ("base_model_config", "tokenizer_config"):
-        if key in cfg:
-            cfg[key] = assets["model"]
-    if "lora_model_dir" in cfg:
-        cfg["lora_model_dir"] = assets["adapter"]
-    cfg["output_dir"] = str(out_dir / "out")
-    cfg["dataset_prepared_path"] = str(out_dir / "prepared")
-    if "datasets" in cfg:  # absent in a no-seed example
-        cfg["datasets"] = [_local_preference_entry(e, assets) for e in cfg["datasets"] or []]
-    selfee = cfg["selfee"]
-    if selfee.get("prompts"):
-        selfee["prompts"] = [_local_prompt_entry(e, assets) for e in selfee["prompts"]]
-    judge = selfee.get("judge") or {}
-    if judge.get("eval_pairs"):
-        judge["eval_pairs"] = _local_preference_entry(judge["eval_pairs"], assets)
-    if judge.get("reference_model"):
-        judge["reference_model"] = assets["model"]
-    return cfg
 
 
 def validate(cfg: dict):
@@ -208,7 +117,7 @@ def test_the_documented_examples_exist():
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=_ids(EXAMPLES))
 def test_example_has_only_known_keys(path):
-    raw = _load(path)
+    raw = load_example(path)
     assert raw.get("rl") == "dpo"
     assert "selfee_plugin.SelfeePlugin" in raw.get("plugins", [])
     assert isinstance(raw.get("selfee"), dict), "an example needs a selfee: block"
@@ -217,9 +126,9 @@ def test_example_has_only_known_keys(path):
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=_ids(EXAMPLES))
-def test_example_passes_axolotl_validation(path, local_assets, tmp_path, keep_torch_precision):
-    raw = _load(path)
-    local = localize(raw, local_assets, tmp_path)
+def test_example_passes_axolotl_validation(path, example_assets, tmp_path, keep_torch_precision):
+    raw = load_example(path)
+    local = localize(raw, example_assets, tmp_path)
     cfg = validate(local)
 
     # Nothing the file sets is dropped or changed by Axolotl's validation.
@@ -235,7 +144,7 @@ def test_example_passes_axolotl_validation(path, local_assets, tmp_path, keep_to
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=_ids(EXAMPLES))
-def test_example_data_entries_fit_their_types(path, local_assets, tmp_path, keep_torch_precision):
+def test_example_data_entries_fit_their_types(path, example_assets, tmp_path, keep_torch_precision):
     """The seed entries' Axolotl DPO types, the prompt pool and the eval pairs all read local data of the same shape,
     and the split slices (`train_prefs[:2000]`) go through Axolotl's dataset loader."""
     from axolotl.prompt_strategies.dpo import load as load_dpo
@@ -248,8 +157,8 @@ def test_example_data_entries_fit_their_types(path, local_assets, tmp_path, keep
     from selfee_plugin.judge import load_eval_pairs
     from selfee_plugin.prompt_pool import load_prompt_pool
 
-    cfg = validate(localize(_load(path), local_assets, tmp_path))
-    tokenizer = AutoTokenizer.from_pretrained(local_assets["model"])
+    cfg = validate(localize(load_example(path), example_assets, tmp_path))
+    tokenizer = AutoTokenizer.from_pretrained(example_assets["model"])
     tokenizer.chat_template = get_chat_template_from_config(cfg, tokenizer=tokenizer)  # as Axolotl's loader does
     user = [{"role": "user", "content": "sort 3 1 2"}]
     assert format_prompt(tokenizer, user) != tokenizer.apply_chat_template(user, tokenize=False), \
@@ -276,7 +185,7 @@ def test_example_data_entries_fit_their_types(path, local_assets, tmp_path, keep
 
 def test_unknown_keys_are_caught():
     """The key check above is what stops a typo: Axolotl's own validation would silently drop these."""
-    raw = _load(EXAMPLES_DIR / "zephyr-7b-qlora.yml")
+    raw = load_example(EXAMPLES_DIR / "zephyr-7b-qlora.yml")
     raw["lerning_rate"] = 1e-5
     raw["flash_attention"] = True
     raw["datasets"][0]["fiel_chosen"] = "chosen"
@@ -292,7 +201,7 @@ def test_unknown_keys_are_caught():
 def test_zephyr_example_is_the_papers_setup():
     """The paper's setup (SPA section 4.1): seed of ~2K UltraFeedback pairs, rounds of 8K and 20K prompts, beta 0.1, max_length 2048,
     max_prompt_length 1024, cosine schedule, warmup 0.1, effective batch 32, 3 seed epochs and 1 round epoch."""
-    raw = _load(EXAMPLES_DIR / "zephyr-7b-qlora.yml")
+    raw = load_example(EXAMPLES_DIR / "zephyr-7b-qlora.yml")
     selfee = SelfeeConfig.model_validate(raw["selfee"])
     assert raw["base_model"] == "alignment-handbook/zephyr-7b-sft-full"
     assert raw["datasets"][0]["split"] == "train_prefs[:2000]"
@@ -304,25 +213,3 @@ def test_zephyr_example_is_the_papers_setup():
     assert raw["micro_batch_size"] * raw["gradient_accumulation_steps"] == 32
     assert (selfee.generation.temperature, selfee.generation.top_p, selfee.generation.max_new_tokens) == (0.7, 1.0, 300)
     assert raw["adapter"] == "qlora" and raw["load_in_4bit"] and raw["gradient_checkpointing"] and raw["bf16"]
-
-
-@pytest.mark.e2e
-def test_full_finetuning_example_runs_end_to_end_on_cpu(local_assets, tmp_path):
-    """The Qwen full fine-tuning example, on the tiny model and CPU-sized settings, through the real CLI."""
-    from conftest import run_axolotl_train
-
-    cfg = localize(_load(EXAMPLES_DIR / "qwen2.5-0.5b-full.yml"), local_assets, tmp_path)
-    cfg.update(bf16=False, fp16=False, optimizer="adamw_torch", gradient_checkpointing=False, sequence_len=64,
-               micro_batch_size=4, gradient_accumulation_steps=1, learning_rate=1e-3, save_strategy="no",
-               dataset_num_proc=1, dataloader_num_workers=0)
-    cfg.pop("attn_implementation", None)
-    cfg.pop("gradient_checkpointing_kwargs", None)
-    selfee = cfg["selfee"]
-    selfee.update(rounds=[4, 4], seed_epochs=1)
-    selfee["generation"].update(max_new_tokens=8, batch_size=4, max_prompt_length=64)
-    proc = run_axolotl_train(cfg, tmp_path)
-    for t in range(3):
-        assert f"selfee round {t} done" in proc.output
-    root = Path(cfg["output_dir"]) / "selfee"
-    assert all((root / f"round_{t}" / "model" / "model.safetensors").exists() for t in range(3))
-    assert json.loads((root / "round_2" / "metrics.json").read_text())["selfee/judge_eval_pairs"] > 0
