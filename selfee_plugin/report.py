@@ -79,8 +79,8 @@ def plot(summary: list[dict], path: Path) -> None:
 
     fig, axes = plt.subplots(2, 3, figsize=(15, 7.5), constrained_layout=True)
     rounds = [row[keys.ROUND] for row in summary]
-    for ax, (title, keys) in zip(axes.flat, PANELS):
-        for key in keys:
+    for ax, (title, panel) in zip(axes.flat, PANELS):
+        for key in panel:
             points = [(r, row[key]) for r, row in zip(rounds, summary) if isinstance(row.get(key), (int, float))]
             if points:
                 ax.plot(*zip(*points), marker="o", label=key.split("/", 1)[1])
