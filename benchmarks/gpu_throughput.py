@@ -2,18 +2,25 @@
 
 The model has Mistral-7B's shapes (vocabulary 32000, hidden 4096, 32 layers, MLP 14336, 32 heads / 8 KV heads) with
 random weights, quantized and adapted as `example_configs/zephyr-7b-qlora.yml` does (nf4 + double quantization, bf16
-compute, LoRA r16 / alpha 32 on every linear layer, gradient checkpointing). Nothing is downloaded and nothing from
-Axolotl is imported: it runs where only torch, transformers, peft, accelerate, trl, bitsandbytes and datasets are.
-Prompts are random words of `--prompt-tokens` tokens; random weights rarely sample EOS, so every answer runs to
-`--max-new-tokens`, the worst case for the KV cache.
+compute, LoRA r16 / alpha 32 on every linear layer, gradient checkpointing). Nothing is downloaded. Prompts are
+random words of `--prompt-tokens` tokens; random weights rarely sample EOS, so every answer runs to `--max-new-tokens`,
+the worst case for the KV cache.
 
 Per phase it prints tokens/s, seconds and peak GiB (accelerator; 0 on CPU):
     generation at the old default (16 prompts x 2), with `batch_size: auto` (the card capped at --budget-gib,
     merge_adapter auto), auto on the whole card, and merged (auto + merge_adapter: true); with --hf-baseline also
     HF generate (the sampler without its static decode loop and CUDA graphs) on the whole card;
     judgment (policy + adapters-off reference, float32 sums) vs a bare forward of the same batches;
-    a refine DPO step with judged reference columns vs the same step with an online reference forward;
+    a refine DPO step of the plugin's own `SelfeeDPOTrainer` (`training_step` on a batch of its collator, then the
+    optimizer step) with judged reference columns vs the same trainer on pairs without them, which runs the
+    reference forward itself;
 and the projected wall time of the paper's recipe from those numbers.
+
+What must be installed (checked by running `--small` in a venv without system site packages): torch, transformers,
+peft, accelerate, trl 1.9, bitsandbytes and datasets, each with its dependencies (pydantic comes with transformers);
+Axolotl 0.19 without its dependencies (`pip install --no-deps axolotl==0.19.0`) plus the modules the trainer's imports
+of it need (`pip install addict numba colorama posthog pillow`); and the plugin from this checkout
+(`pip install --no-deps -e .`, which serves the top-level patches/ as `selfee_plugin.patches`).
 
     python benchmarks/gpu_throughput.py                # on a GPU (about 3 minutes on an H200)
     python benchmarks/gpu_throughput.py --small        # tiny shapes on CPU, under a minute (run by the tests)
@@ -25,6 +32,7 @@ import argparse
 import json
 import random
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,12 +137,16 @@ def random_prompts(count: int, tokens: int, vocab: int, seed: int = 0) -> list[l
             for _ in range(count)]
 
 
-def measure_generation(model, tokenizer, prompts, device, phase, max_new_tokens, **gen) -> tuple[Row, list]:
-    from selfee_plugin.args import GenerationConfig
+def measure_generation(model, tokenizer, prompts, device, phase, max_new_tokens, static_decode: bool = True,
+                       **gen) -> tuple[Row, list]:
+    from selfee_plugin.config_blocks import GenerationConfig
     from selfee_plugin.generation import HFSampler
+    from selfee_plugin.static_decoding import StaticDecoder
 
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.7, top_p=1.0, max_prompt_length=4096, **gen)
     sampler = HFSampler(model, tokenizer, cfg)
+    if not static_decode:  # HF generate on every device
+        sampler.static_decoder = StaticDecoder(device_types=())
     _reset_peak(device)
     _sync(device)
     start = time.perf_counter()
@@ -154,10 +166,12 @@ def measure_judgment(model, tokenizer, sequences, device, max_tokens: int) -> li
     of the same token-budget batches under both models (full logits, nothing else)."""
     from trl.trainer.utils import pad
 
+    from selfee_plugin.formatting import pad_token_id
     from selfee_plugin.judge import score_sequences
-    from selfee_plugin.logprobs import token_budget_batches
+    from selfee_plugin.logprobs import Scorer, token_budget_batches
 
     batches = token_budget_batches([len(p) + len(c) for p, c in sequences], max_tokens)
+    full, shared_prompts = (Scorer(pad_token_id(tokenizer), max_tokens, share_prompts=s) for s in (False, True))
 
     def bare(batches):
         for adapters in (True, False):
@@ -172,24 +186,24 @@ def measure_judgment(model, tokenizer, sequences, device, max_tokens: int) -> li
 
     model.eval()
     with torch.no_grad():  # warm-up of both at the largest batch (kernels, allocator growth), not timed
-        score_sequences(model, tokenizer, [sequences[i] for i in batches[0]], None, max_tokens)
+        score_sequences(model, [sequences[i] for i in batches[0]], full)
         bare(batches[:1])
     _reset_peak(device)
     _sync(device)
     start = time.perf_counter()
     with torch.no_grad():
-        _, _, _, tokens = score_sequences(model, tokenizer, sequences, None, max_tokens)
+        _, _, _, tokens = score_sequences(model, sequences, full)
     _sync(device)
     judge = Row("judgment (policy + reference, float32 sums)", 0.0, time.perf_counter() - start, _peak_gib(device))
     judge.tokens_per_second = tokens / judge.seconds
 
     with torch.no_grad():  # warm-up of the shared-prompt path, not timed
-        score_sequences(model, tokenizer, [sequences[i] for i in batches[0]], None, max_tokens, share_prompts=True)
+        score_sequences(model, [sequences[i] for i in batches[0]], shared_prompts)
     _reset_peak(device)
     _sync(device)
     start = time.perf_counter()
     with torch.no_grad():
-        score_sequences(model, tokenizer, sequences, None, max_tokens, share_prompts=True)
+        score_sequences(model, sequences, shared_prompts)
     _sync(device)
     shared = Row("judgment, judge.share_prompts (each prompt forwarded once)", 0.0, time.perf_counter() - start,
                  _peak_gib(device))
@@ -209,60 +223,71 @@ def measure_judgment(model, tokenizer, sequences, device, max_tokens: int) -> li
     return [judge, shared, bare_row]
 
 
-def measure_dpo_step(model, batch, device, steps: int, online_reference: bool, beta: float = 0.1) -> Row:
-    """A refine-round DPO step as the plugin computes it: float32-logit log-probs, judged reference columns (or an
-    online adapters-off reference forward), noise-aware loss, backward, optimizer step."""
-    from selfee_plugin.logprobs import float32_logits, sequence_logps
-    from selfee_plugin.loss import NoiseDetector, noise_aware_dpo_loss
+def build_trainer(model, tokenizer, dataset, device, output_dir: str, max_length: int):
+    """`SelfeeDPOTrainer` of a `selfee:` run with the default refine settings, as the plugin builds it when the run
+    starts from an adapter; the one place that follows the trainer's constructor."""
+    from axolotl.core.trainers.dpo.args import AxolotlDPOConfig
+    from axolotl.utils.dict import DictDefault
 
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-6)
-    detector = NoiseDetector()
-    labels, mask = batch["input_ids"][:, 1:], batch["completion_mask"][:, 1:]
+    from selfee_plugin.args import SelfeeConfig
+    from selfee_plugin.context import RunContext
+    from selfee_plugin.trainer import SelfeeDPOTrainer
+
+    args = AxolotlDPOConfig(
+        output_dir=output_dir, per_device_train_batch_size=1, learning_rate=1e-6, beta=0.1, max_length=max_length,
+        bf16=device.type == "cuda", use_cpu=device.type == "cpu", gradient_checkpointing=True,
+        gradient_checkpointing_kwargs={"use_reentrant": False}, remove_unused_columns=False, report_to="none",
+        save_strategy="no", dataloader_num_workers=0, disable_tqdm=True, seed=0,
+    )
+    # Axolotl hands the plugin its validated config with the `selfee:` block as plain dicts.
+    run = RunContext.from_cfg(DictDefault({"selfee": SelfeeConfig(rounds=0).model_dump()}))
+    return SelfeeDPOTrainer(model, None, args=args, train_dataset=dataset, processing_class=tokenizer, run_context=run)
+
+
+def measure_dpo_step(trainer, device, steps: int, online_reference: bool) -> Row:
+    """The trainer's own refine-round step: `training_step` (TRL's loss on float32 logits plus SPA's smoothing term,
+    backward) and the optimizer step, on one pair from its collator. With `online_reference` the pair has no judged
+    reference columns, so the trainer runs the reference forward itself (for TRL's loss and for noise detection)."""
+    judged = trainer.train_dataset
+    if online_reference:
+        trainer.train_dataset = judged.remove_columns(["ref_chosen_logps", "ref_rejected_logps"])
+    trainer.begin_round(refine=True)  # as the round loop starts a judged round
+    batch = trainer.data_collator([trainer.train_dataset[0]])
+    optimizer = trainer.create_optimizer()
+    trainer.current_gradient_accumulation_steps = 1  # what `Trainer.train` sets before each step
     times = []
     _reset_peak(device)
     for step in range(steps + 1):  # the first step warms up kernels and allocator; not timed
         _sync(device)
         start = time.perf_counter()
-        with float32_logits(model):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-            chosen, rejected = sequence_logps(logits, labels, mask).chunk(2)
-            if online_reference:
-                with torch.no_grad(), model.disable_adapter():
-                    ref = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-                    ref_chosen, ref_rejected = sequence_logps(ref, labels, mask).chunk(2)
-                    del ref
-            else:
-                ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
-        noisy, _ = detector.update(beta * ((chosen - ref_chosen) - (rejected - ref_rejected)).detach())
-        loss = noise_aware_dpo_loss(chosen, rejected, ref_chosen, ref_rejected, noisy, beta, 0.1).mean()
-        loss.backward()
+        trainer.training_step(trainer.model, batch)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        del logits, loss
         _sync(device)
         if step:
             times.append(time.perf_counter() - start)
+    trainer.train_dataset = judged
     seconds = sorted(times)[len(times) // 2]  # median: a 1-pair step is host-bound and has outliers
     tokens = int(batch["attention_mask"].sum())
     name = "DPO step, online reference forward" if online_reference else "DPO step, judged reference columns"
-    return Row(name, tokens / seconds, seconds, _peak_gib(device), f"median of {steps} steps")
+    note = f"median of {steps} steps" + ("; the reference forward runs twice: TRL's loss, noise detection"
+                                         if online_reference else "")
+    return Row(name, tokens / seconds, seconds, _peak_gib(device), note)
 
 
-def dpo_batch(tokenizer, device, prompt_tokens: int, completion_tokens: int, vocab: int) -> dict:
-    """One pair [chosen; rejected] of random tokens, right padded as TRL's collator does, with judged columns."""
-    gen = torch.Generator().manual_seed(0)
-    words = vocab - len(SPECIALS)
-    prompt = torch.randint(len(SPECIALS), len(SPECIALS) + words, (prompt_tokens,), generator=gen)
-    rows = [torch.cat([prompt, torch.randint(len(SPECIALS), vocab, (completion_tokens,), generator=gen)])
-            for _ in range(2)]
-    input_ids = torch.stack(rows).to(device)
-    completion_mask = torch.zeros_like(input_ids)
-    completion_mask[:, prompt_tokens:] = 1
-    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "completion_mask": completion_mask,
-            "ref_chosen_logps": torch.tensor([-500.0], device=device),
-            "ref_rejected_logps": torch.tensor([-510.0], device=device)}
+def dpo_pairs(prompt_tokens: int, completion_tokens: int, vocab: int):
+    """One pair of random words (each word one token) with judged reference columns, as a round's judged pairs."""
+    from datasets import Dataset
+
+    rng = random.Random(0)
+
+    def words(count: int) -> str:
+        return " ".join(f"w{rng.randrange(vocab - len(SPECIALS))}" for _ in range(count))
+
+    # TRL tokenizes prompt + answer as one string: the trailing space keeps the last prompt word its own token.
+    return Dataset.from_dict({"prompt": [words(prompt_tokens) + " "], "chosen": [words(completion_tokens)],
+                              "rejected": [words(completion_tokens)], "ref_chosen_logps": [-500.0],
+                              "ref_rejected_logps": [-510.0]})
 
 
 def project_recipe(gen: Row, judge: Row, step: Row, prompt_tokens: int, new_tokens: int) -> dict:
@@ -357,13 +382,9 @@ def main() -> None:
                                      new_tokens, batch_size="auto", merge_adapter=False)
         rows.append(full)
         if args.hf_baseline:
-            from selfee_plugin import generation
-
-            static_types, generation.STATIC_DECODE_MODEL_TYPES = generation.STATIC_DECODE_MODEL_TYPES, set()
             hf, _ = measure_generation(model, tokenizer, many, device,
                                        "generation, auto, whole card, unmerged, HF generate", new_tokens,
-                                       batch_size="auto", merge_adapter=False)
-            generation.STATIC_DECODE_MODEL_TYPES = static_types
+                                       static_decode=False, batch_size="auto", merge_adapter=False)
             hf.note += f"; the static loop above is {full.tokens_per_second / hf.tokens_per_second:.1f}x"
             rows.append(hf)
         for row in rows[1:] if old is not None else []:
@@ -378,9 +399,12 @@ def main() -> None:
     rows += judge_rows
     print(f"  {judge_rows[0].phase}: {judge_rows[0].tokens_per_second:,.0f} tokens/s, {judge_rows[0].note}", flush=True)
 
-    batch = dpo_batch(tokenizer, device, prompt_tokens, 2 * new_tokens if small else new_tokens, vocab)
-    judged = measure_dpo_step(model, batch, device, steps=2 if small else 8, online_reference=False)
-    online = measure_dpo_step(model, batch, device, steps=2 if small else 8, online_reference=True)
+    completion_tokens = 2 * new_tokens if small else new_tokens
+    with tempfile.TemporaryDirectory() as output_dir:
+        trainer = build_trainer(model, tokenizer, dpo_pairs(prompt_tokens, completion_tokens, vocab), device,
+                                output_dir, max_length=prompt_tokens + completion_tokens + 1)  # + EOS
+        judged = measure_dpo_step(trainer, device, steps=2 if small else 8, online_reference=False)
+        online = measure_dpo_step(trainer, device, steps=2 if small else 8, online_reference=True)
     judged.note += f"; {judged.seconds / online.seconds:.2f}x the online-reference step time"
     rows += [judged, online]
     print(f"  refine step {judged.seconds:.3f} s judged columns vs {online.seconds:.3f} s online reference", flush=True)

@@ -160,7 +160,7 @@ def round_zero(out: str, tasks: list[str], lrs: list[float], seeds: list[int], e
     change. Reads the `guard` runs under `out`; trains nothing."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from selfee_plugin.args import GuardConfig
+    from selfee_plugin.config_blocks import GuardConfig
     from selfee_plugin.diagnostics import post_round_signals
     from selfee_plugin.formatting import format_preference_rows, tokenize_completion
     from selfee_plugin.guard import verdict

@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ._logging import get_logger
-from .args import AUTO_MAX_SEQUENCES
+from .config_blocks import AUTO_MAX_SEQUENCES
 from .artifacts import PROMPT_TOO_LONG
 from .formatting import format_prompt, pad_token_id, tokenize_prompt
 from .logprobs import eval_mode

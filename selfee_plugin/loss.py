@@ -6,7 +6,6 @@ from collections import deque
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from ._logging import get_logger
 from .logprobs import sequence_logps
@@ -37,38 +36,12 @@ def compute_margins(
     return chosen_logratios - rejected_logratios
 
 
-def noise_aware_dpo_loss(
-    chosen_logps: torch.Tensor,
-    rejected_logps: torch.Tensor,
-    ref_chosen_logps: torch.Tensor,
-    ref_rejected_logps: torch.Tensor,
-    noisy: torch.Tensor,
-    beta: float,
-    smoothing: float,
-) -> torch.Tensor:
-    """Per-pair sigmoid DPO loss with label smoothing on the noisy pairs only (SPA Eq. 9).
-
-    Args:
-        chosen_logps: (B,) summed policy log-probs of the chosen responses (carries the gradient).
-        rejected_logps: (B,) the same for the rejected responses.
-        ref_chosen_logps: (B,) summed reference log-probs of the chosen responses.
-        ref_rejected_logps: (B,) the same for the rejected responses.
-        noisy: (B,) bool, pairs whose label is suspected wrong (see `NoiseDetector`).
-        beta: DPO temperature.
-        smoothing: alpha, the weight moved to the flipped label on noisy pairs.
-
-    Returns:
-        (B,) -(1 - a) * logsigmoid(beta * z) - a * logsigmoid(-beta * z), with a = alpha on noisy pairs, else 0.
-        With alpha = 0 this is TRL's sigmoid loss `-logsigmoid(beta * z)` exactly.
-    """
-    logits = beta * compute_margins(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    # SPA Eq. 9: a noisy pair is trained towards P(y_w > y_l) = 1 - alpha instead of 1; written as TRL's sigmoid
-    # loss plus a linear term, -(1 - a) logsig(x) - a logsig(-x) = -logsig(x) + a x, which is how the trainer adds it.
-    return -F.logsigmoid(logits) + linear_smoothing_term(logits, smoothing * noisy.to(logits.dtype))
-
-
 def linear_smoothing_term(logits: torch.Tensor, weight: torch.Tensor | float) -> torch.Tensor:
-    """(B,) a * x: what label smoothing with weight a adds to the sigmoid DPO loss -logsig(x) of a pair with logit x."""
+    """(B,) a * x: what label smoothing with weight a adds to the sigmoid DPO loss -logsig(x) of a pair with logit x.
+
+    SPA Eq. 9 trains a noisy pair towards P(y_w > y_l) = 1 - a instead of 1: -(1 - a) logsig(x) - a logsig(-x), which
+    equals -logsig(x) + a x. So a refine round keeps TRL's sigmoid loss and adds this term (see `SelfeeDPOTrainer`).
+    """
     return weight * logits
 
 

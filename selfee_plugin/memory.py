@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .args import AUTO_MAX_SEQUENCES, CPU_AUTO_SEQUENCES
+from .config_blocks import AUTO_MAX_SEQUENCES, CPU_AUTO_SEQUENCES
 
 # Share of the free accelerator memory `auto` plans to use: allocator fragmentation and transient buffers need the rest.
 MEMORY_MARGIN = 0.85

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .artifacts import EMPTY_RESPONSE, IDENTICAL_RESPONSES
+
 
 @dataclass
 class PairJudgment:
@@ -17,7 +19,7 @@ class PairJudgment:
         chosen_index, rejected_index: (P,) long.
         margins: (P,) r_w - r_l (0 where unpaired).
         probabilities: (P,) sigmoid(beta * margins) (0.5 where unpaired).
-        paired: (P,) bool; tied: (P,) bool, at least 2 valid answers but none strictly below the best.
+        paired: (P,) bool; a prompt with 2 valid answers or more is unpaired only when every one ties with the best.
     """
 
     rewards: torch.Tensor
@@ -26,7 +28,6 @@ class PairJudgment:
     margins: torch.Tensor
     probabilities: torch.Tensor
     paired: torch.Tensor
-    tied: torch.Tensor
 
 
 def valid_responses(responses: list[list[str]]) -> tuple[torch.Tensor, list[str | None]]:
@@ -45,7 +46,7 @@ def valid_responses(responses: list[list[str]]) -> tuple[torch.Tensor, list[str 
             row.append(bool(text) and text not in seen)
             seen.add(text)
         non_empty = sum(bool(t) for t in answers)
-        reasons.append(None if sum(row) >= 2 else "empty_response" if non_empty < 2 else "identical_responses")
+        reasons.append(None if sum(row) >= 2 else EMPTY_RESPONSE if non_empty < 2 else IDENTICAL_RESPONSES)
         valid.append(row)
     return torch.tensor(valid, dtype=torch.bool).reshape(len(responses), -1), reasons
 
@@ -73,7 +74,7 @@ def judge_pairs(
         generator: RNG for `best_random`.
 
     Returns:
-        PairJudgment with per-prompt (P,) choices; prompts with fewer than 2 valid answers are neither paired nor tied.
+        PairJudgment with per-prompt (P,) choices; prompts with fewer than 2 valid answers are never paired.
     """
     rewards = (policy_logps.double() - ref_logps.double())  # SPA Eq. 3: r(x, y) = log pi_{t-1}(y|x) - log pi_init(y|x)
     if length_normalize:
@@ -88,8 +89,7 @@ def judge_pairs(
         other = torch.rand(rewards.shape, generator=generator, dtype=torch.float64).masked_fill(~below, -1).argmax(1)
     else:
         raise ValueError(f"selfee.judge.pairing must be best_worst or best_random, got {pairing!r}")
-    enough = valid.sum(1) >= 2
-    paired = enough & below.any(1)
+    paired = (valid.sum(1) >= 2) & below.any(1)
     margins = torch.where(paired, best_r[:, 0] - rewards.gather(1, other[:, None])[:, 0], 0.0)
     return PairJudgment(
         rewards=rewards,
@@ -98,5 +98,4 @@ def judge_pairs(
         margins=margins,
         probabilities=torch.sigmoid(beta * margins),  # SPA Eq. 4: p(y_w > y_l | x) = sigmoid(beta * margin)
         paired=paired,
-        tied=enough & ~paired,
     )

@@ -8,7 +8,7 @@ import random
 from axolotl.integrations.base import BasePlugin
 
 from ._logging import get_logger
-from .args import AUTO_EVAL_SHARE
+from .config_blocks import AUTO_EVAL_SHARE
 from .context import RunContext
 from .data_checks import preflight
 from .patches import axolotl_multiprocess_cpu, bitsandbytes_cpu_weight_packing

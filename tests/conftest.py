@@ -123,6 +123,15 @@ def example_assets(tiny_model_dir, tiny_data_dir, tmp_path_factory):
             "adapter": str(root / "sft-lora")}
 
 
+@pytest.fixture(scope="module")
+def selfee_run(tiny_model_dir, tmp_path_factory):
+    """output_dir of a finished SELFEE run, as far as the judged-pairs type reads it (`helpers.write_judged_run`)."""
+    from helpers import write_judged_run
+    from transformers import AutoTokenizer
+
+    return write_judged_run(tmp_path_factory.mktemp("selfee_run"), AutoTokenizer.from_pretrained(tiny_model_dir))
+
+
 @pytest.fixture
 def fresh_plugin_manager():
     """No Axolotl PluginManager singleton before or after the test: plugins one test registers (through

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import re
 import subprocess
@@ -16,6 +17,7 @@ import torch
 import yaml
 
 from selfee_plugin.formatting import format_completion, format_prompt, tokenize_completion
+from selfee_plugin.judged_pairs_entry import TYPE_NAME
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
@@ -232,3 +234,99 @@ def localize(raw: dict, assets: dict, out_dir: Path) -> dict:
     if judge.get("reference_model"):
         judge["reference_model"] = assets["model"]
     return cfg
+
+
+# ----------------------------------------------------------------------------------------------- judged-pairs runs
+
+MIN_PROBABILITY = 0.6
+# Round 1: nine pairs (five at or above MIN_PROBABILITY) and three prompts SELFEE could not pair.
+ROUND_1 = [0.51, 0.53, 0.55, 0.58, 0.6, 0.62, 0.65, 0.7, 0.8] + ["identical_responses", "empty_response", "reward_tie"]
+# Round 2: three pairs (two kept) and a prompt skipped as too long.
+ROUND_2 = [0.52, 0.61, 0.75, "prompt_too_long"]
+KEPT = {1: 5, 2: 2}
+# What each documented `rl:` mode needs beyond the shared recipe (Axolotl 0.19 requires these keys).
+MODES = {
+    "dpo": {},
+    "ipo": {},
+    "simpo": {"simpo_gamma": 0.5},
+    "orpo": {"orpo_alpha": 0.1},
+    "kto": {"remove_unused_columns": False},
+}
+
+
+def _judged_row(tokenizer, idx: int, outcome) -> dict:
+    """One row as `annotate` writes it: `outcome` is the pair's probability, or the reason no pair was made."""
+    nums = [str((idx * 7 + k * 3) % 10) for k in range(4)]
+    messages = [{"role": "user", "content": "sort " + " ".join(nums)}]
+    responses = [" ".join(sorted(nums)), " ".join(nums) + " 9"]
+    row = {"prompt_id": f"0:{idx}", "messages": messages, "prompt": format_prompt(tokenizer, messages),
+           "responses": responses, "finished": [True, True]}
+    if isinstance(outcome, str):
+        keys = ("completions", "policy_logps", "ref_logps", "rewards", "completion_lengths", "chosen_index",
+                "rejected_index", "probability", "margin")
+        return {**row, "skip_reason": outcome, **dict.fromkeys(keys)}
+    w = idx % 2  # chosen is sometimes the first response, sometimes the second
+    margin = math.log(outcome / (1 - outcome)) / 0.1  # probability = sigmoid(beta * margin), beta 0.1
+    return {**row, "skip_reason": None, "completions": [format_completion(tokenizer, r) for r in responses],
+            "policy_logps": [-5.0 - idx, -6.0], "ref_logps": [-5.5, -5.5], "rewards": [0.5, -0.5],
+            "completion_lengths": [5, 6], "chosen_index": w, "rejected_index": 1 - w, "probability": outcome,
+            "margin": margin}
+
+
+def _pairs(run: Path, t: int) -> Path:
+    return run / "selfee" / f"round_{t}" / "pairs.jsonl"
+
+
+def write_judged_run(root: Path, tokenizer) -> Path:
+    """The output_dir of a finished SELFEE run, as far as the judged-pairs type reads it: round_1/2 pairs files."""
+    for t, outcomes in ((1, ROUND_1), (2, ROUND_2)):
+        (root / "selfee" / f"round_{t}").mkdir(parents=True)
+        with open(_pairs(root, t), "w") as f:
+            for i, outcome in enumerate(outcomes):
+                f.write(json.dumps(_judged_row(tokenizer, 100 * t + i, outcome)) + "\n")
+    return root
+
+
+def _recipe(model_dir: str, out: Path, rl: str, datasets: list[dict], **overrides) -> dict:
+    """A plain Axolotl preference recipe on the tiny model (no SELFEE plugin), one optimizer step unless overridden."""
+    settings = {"max_steps": 1, "micro_batch_size": 2, "lr_scheduler": "constant", **overrides}
+    cfg = tiny_train_config(model_dir, "unused", str(out), rl=rl, datasets=datasets, **settings)
+    if cfg["max_steps"] is None:
+        cfg.pop("max_steps")
+    cfg.pop("plugins")
+    cfg.pop("selfee")
+    return cfg
+
+
+def _entry(path, **options) -> dict:
+    return {"path": str(path), "type": TYPE_NAME, **options}
+
+
+def _load_cfg(cfg: dict, tmp_path: Path, name: str = "config"):
+    """What every `axolotl` command does first: read the YAML file, load plugins, validate, normalize. The type
+    reads its options back from that file when the datasets load, so each config keeps its own file."""
+    from axolotl.cli.config import load_cfg
+
+    path = tmp_path / f"{name}.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    return load_cfg(str(path))
+
+
+def _train_one_step(cfg):
+    """Axolotl's preference dataset loader + trainer builder, then one step; returns the dataset and the trainer."""
+    from axolotl.common.datasets import load_preference_datasets
+    from axolotl.train import setup_model_and_trainer
+
+    meta = load_preference_datasets(cfg=cfg)
+    trainer = setup_model_and_trainer(cfg, meta)[0]
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    trainer.train()
+    after = dict(trainer.model.named_parameters())
+    lora_b = [n for n in before if "lora_B" in n]
+    assert lora_b, "no LoRA adapter was trained"
+    assert all(not torch.equal(before[n], after[n]) for n in lora_b), "a LoRA B matrix did not move"
+    assert all(torch.equal(before[n], after[n]) for n in before if "lora_" not in n), "a base weight moved"
+    assert trainer.state.global_step == 1
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses and all(math.isfinite(x) for x in losses)
+    return meta.train_dataset, trainer

@@ -8,7 +8,7 @@ import os
 import statistics
 from typing import Iterable, Sequence
 
-from selfee_plugin.args import GenerationConfig
+from selfee_plugin.config_blocks import GenerationConfig
 from selfee_plugin.generation import generate_responses
 
 from .task import gold_score, target_answer

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-PHASES = ["generation, batch 1", "generation, batch_size auto", "generation, merged", "judgment (", "judgment, judge.share_prompts",
-          "bare forward",
-          "DPO step, judged reference columns", "DPO step, online reference forward"]
+ROOT = Path(__file__).resolve().parents[2]
+PHASES = ["generation, batch 1", "generation, batch_size auto", "generation, merged", "judgment (",
+          "judgment, judge.share_prompts", "bare forward", "DPO step, judged reference columns",
+          "DPO step, online reference forward"]
 
 
 def test_gpu_throughput_small_runs_every_phase(tmp_path):

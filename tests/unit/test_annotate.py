@@ -12,7 +12,7 @@ from helpers import BETA, MESSAGES, _dpo_trainer, _lora, _plain_logp
 
 from selfee_plugin.annotate import annotate
 from selfee_plugin.args import SelfeeConfig
-from selfee_plugin.artifacts import SKIP_REASONS, load_judged_pairs, read_judged_rows
+from selfee_plugin.artifacts import SKIP_REASONS, judged_pairs_dataset, read_judged_rows
 from selfee_plugin.diagnostics import summarize_judged_rows
 from selfee_plugin.formatting import format_completion, tokenize_completion
 
@@ -54,14 +54,14 @@ def test_annotate_writes_pairs_metrics_and_a_trainable_dataset(tiny_model, tiny_
     assert row["policy_logps"][w] == pytest.approx(_plain_logp(model, *seq), abs=1e-4)
     assert row["completion_lengths"][w] == len(seq[1])
 
-    dataset = load_judged_pairs(path)
+    dataset = judged_pairs_dataset(read_judged_rows(path))
     assert dataset.column_names == ["prompt", "chosen", "rejected", "ref_chosen_logps", "ref_rejected_logps"]
     assert len(dataset) == len(pairs)
     assert dataset[0]["chosen"] == row["completions"][w] and dataset[0]["rejected"] == row["completions"][l]
-    assert load_judged_pairs(path, with_metadata=True)[0]["prompt_id"] == row["prompt_id"]
+    assert dataset[0]["prompt"] == row["prompt"]  # the dataset keeps the file's order
     with pytest.raises(ValueError, match=r"prompt ids \['q'\] appear more than once"):
         annotate(model, tiny_tokenizer, [("q", MESSAGES[0]), ("q", MESSAGES[1])], _selfee_cfg(), BETA, path)
-    initial = load_judged_pairs(path, reference="initial")[0]
+    initial = judged_pairs_dataset(read_judged_rows(path), reference="initial")[0]
     assert (initial["ref_chosen_logps"], initial["ref_rejected_logps"]) == (row["ref_logps"][w], row["ref_logps"][l])
 
     # Through TRL: the columns reach the batch as the judged pi_cur. Handed a PEFT model, TRL 1.9 copies its adapter
@@ -78,14 +78,14 @@ def test_annotate_writes_pairs_metrics_and_a_trainable_dataset(tiny_model, tiny_
 
 def test_resume_after_a_crash_mid_judgment_loses_and_duplicates_nothing(tiny_model, tiny_tokenizer, tmp_path,
                                                                         monkeypatch):
-    import selfee_plugin.judge as judge
+    import selfee_plugin.logprobs as logprobs
 
     model = _lora(tiny_model, seed=0)
     cfg, prompts = _selfee_cfg(), _prompts(6)
     clean = str(tmp_path / "clean.jsonl")
     annotate(model, tiny_tokenizer, prompts, cfg, BETA, clean)
 
-    real, calls = judge.completion_logps, []
+    real, calls = logprobs.completion_logps, []
 
     def crash_in_second_reference_pass(*args, **kwargs):
         # Forward passes go policy, reference per chunk: the 4th is the second chunk's reference, mid-judgment.
@@ -95,7 +95,7 @@ def test_resume_after_a_crash_mid_judgment_loses_and_duplicates_nothing(tiny_mod
         return real(*args, **kwargs)
 
     crashed = str(tmp_path / "crashed.jsonl")
-    monkeypatch.setattr(judge, "completion_logps", crash_in_second_reference_pass)
+    monkeypatch.setattr(logprobs, "completion_logps", crash_in_second_reference_pass)
     with pytest.raises(RuntimeError, match="simulated crash"):
         annotate(model, tiny_tokenizer, prompts, cfg, BETA, crashed)
     monkeypatch.undo()
@@ -108,7 +108,7 @@ def test_resume_after_a_crash_mid_judgment_loses_and_duplicates_nothing(tiny_mod
     resumed, expected = read_judged_rows(crashed), read_judged_rows(clean)
     assert [r["prompt_id"] for r in resumed] == [f"p{i}" for i in range(6)]
     assert resumed == expected  # chunks are seeded by their first prompt id, so the resumed run samples the same
-    assert len(load_judged_pairs(crashed)) == len(load_judged_pairs(clean))
+    assert len(judged_pairs_dataset(read_judged_rows(crashed))) == len(judged_pairs_dataset(read_judged_rows(clean)))
     with open(crashed) as f:
         assert all(json.loads(line) for line in f)
 
@@ -126,7 +126,7 @@ def test_degenerate_answers_are_recorded_with_their_reason(tiny_model, tiny_toke
     path = str(tmp_path / "ties.jsonl")
     metrics = annotate(model, tiny_tokenizer, _prompts(3), _selfee_cfg(), BETA, path)
     assert metrics["selfee/skipped_reward_tie"] == 3 and metrics["selfee/pairs"] == 0
-    assert len(load_judged_pairs(path)) == 0
+    assert len(judged_pairs_dataset(read_judged_rows(path))) == 0
 
 
 def test_length_bias_warning(selfee_logs):

@@ -22,13 +22,7 @@ BASE = {
 }
 
 
-@pytest.fixture(autouse=True)
-def fresh_plugin_manager():
-    from axolotl.integrations.base import PluginManager
-
-    PluginManager._instance = None
-    yield
-    PluginManager._instance = None
+pytestmark = pytest.mark.usefixtures("fresh_plugin_manager")
 
 
 def validate(overrides=None, selfee=None, drop=()):

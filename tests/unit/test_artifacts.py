@@ -6,7 +6,7 @@ import json
 import random
 
 from selfee_plugin.artifacts import (
-    load_judged_pairs,
+    judged_pairs_dataset,
     merge_pairs_parts,
     pairs_part_path,
     pairs_part_paths,
@@ -52,7 +52,8 @@ def test_merged_round_file_and_dpo_dataset_equal_the_one_process_ones(tmp_path):
     assert pairs.read_text() == one_process.read_text()
     assert pairs_part_paths(pairs) == [] and not (pairs.parent / "pairs.jsonl.tmp").exists()
     for reference in ("previous", "initial"):
-        assert load_judged_pairs(pairs, reference).to_dict() == load_judged_pairs(one_process, reference).to_dict()
+        merged = judged_pairs_dataset(read_judged_rows(pairs), reference)
+        assert merged.to_dict() == judged_pairs_dataset(read_judged_rows(one_process), reference).to_dict()
     assert merge_pairs_parts(pairs, order) == 0  # nothing left to merge: the file is not rewritten
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from selfee_plugin.args import GenerationConfig
+from selfee_plugin.config_blocks import GenerationConfig
 from selfee_plugin.formatting import format_completion, format_preference_rows, format_prompt, tokenize_completion
 from selfee_plugin.generation import generate_responses
 
@@ -194,7 +194,7 @@ def test_auto_batch_is_fixed_on_cpu_and_sized_from_the_config_on_an_accelerator(
     prefill 150 x (3 x 14336 + 4 x 4096) x 2 = 17,817,600."""
     from transformers import MistralConfig
 
-    from selfee_plugin.args import CPU_AUTO_SEQUENCES
+    from selfee_plugin.config_blocks import CPU_AUTO_SEQUENCES
     from selfee_plugin.memory import auto_batch_sequences, sequence_bytes
 
     config = MistralConfig(vocab_size=32000, hidden_size=4096, num_hidden_layers=32, intermediate_size=14336,

@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from selfee_plugin.args import GuardConfig, LabelsConfig, SelfeeConfig
+from selfee_plugin.args import SelfeeConfig
+from selfee_plugin.config_blocks import GuardConfig, LabelsConfig
 from selfee_plugin.guard import Attempt, balance_lengths, retry_attempt, verdict
 from selfee_plugin.labels import LabelsNeeded, apply_labels, label_count, round_labels, select_for_labels
 

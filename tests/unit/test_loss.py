@@ -1,4 +1,8 @@
-"""Value tests of the noise-aware DPO loss, the extrapolated log-probs and the rolling noise detector."""
+"""Value tests of the noise-aware DPO loss, the extrapolated log-probs and the rolling noise detector.
+
+The loss under test is what a refine round computes per pair (`_production_loss`), checked against SPA Eq. 9
+written independently in numpy (`_spa_eq9`).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from selfee_plugin.loss import NoiseDetector, compute_extrapolated_logps, compute_margins, noise_aware_dpo_loss
+from selfee_plugin.loss import NoiseDetector, compute_extrapolated_logps, compute_margins, linear_smoothing_term
 
 BETA = 0.1
 
@@ -19,6 +23,22 @@ BETA = 0.1
 def _random_logps(n, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [-(torch.rand(n, generator=g, dtype=torch.float64) * 20 + 1) for _ in range(4)]
+
+
+def _production_loss(chosen, rejected, ref_chosen, ref_rejected, noisy, beta, alpha):
+    """Per pair, what a refine round trains on: TRL 1.9's sigmoid loss `-logsigmoid(beta * delta_score)` (its
+    `delta_score` is `compute_margins`) plus `linear_smoothing_term` on the noisy pairs (`trainer._smoothing_term`)."""
+    logits = beta * compute_margins(chosen, rejected, ref_chosen, ref_rejected)
+    return -F.logsigmoid(logits) + linear_smoothing_term(logits, alpha * noisy.to(logits.dtype))
+
+
+def _spa_eq9(chosen, rejected, ref_chosen, ref_rejected, noisy, beta, alpha):
+    """Oracle, numpy float64: SPA Eq. 9, -(1 - a) log s(x) - a log s(-x), x = beta * z, a = alpha on noisy pairs."""
+    lw, ll, rw, rl = (t.detach().double().numpy() for t in (chosen, rejected, ref_chosen, ref_rejected))
+    x = beta * ((lw - rw) - (ll - rl))
+    a = alpha * noisy.numpy().astype(np.float64)
+    # log s(v) = -log(1 + e^-v)
+    return torch.from_numpy((1 - a) * np.logaddexp(0.0, -x) + a * np.logaddexp(0.0, x))
 
 
 def _naive_summed_logps(logits, labels, mask):
@@ -31,11 +51,13 @@ def test_alpha_zero_equals_trl_sigmoid_loss():
     chosen, rejected, ref_chosen, ref_rejected = _random_logps(8)
     trl = -F.logsigmoid(BETA * ((chosen - ref_chosen) - (rejected - ref_rejected)))
     noisy = torch.tensor([True, False] * 4)
-    alpha_zero = noise_aware_dpo_loss(chosen, rejected, ref_chosen, ref_rejected, noisy, BETA, 0.0)
+    alpha_zero = _production_loss(chosen, rejected, ref_chosen, ref_rejected, noisy, BETA, 0.0)
     assert_close(alpha_zero, trl, rtol=0, atol=0)
+    assert_close(alpha_zero, _spa_eq9(chosen, rejected, ref_chosen, ref_rejected, noisy, BETA, 0.0))
     clean = torch.zeros(8, dtype=torch.bool)
-    no_noisy = noise_aware_dpo_loss(chosen, rejected, ref_chosen, ref_rejected, clean, BETA, 0.3)
+    no_noisy = _production_loss(chosen, rejected, ref_chosen, ref_rejected, clean, BETA, 0.3)
     assert_close(no_noisy, trl, rtol=0, atol=0)
+    assert_close(no_noisy, _spa_eq9(chosen, rejected, ref_chosen, ref_rejected, clean, BETA, 0.3))
 
 
 def test_loss_hand_computed_on_mixed_batch():
@@ -57,7 +79,8 @@ def test_loss_hand_computed_on_mixed_batch():
     expected = torch.tensor(
         [-log_sigmoid(0.2), -0.75 * log_sigmoid(-0.2) - 0.25 * log_sigmoid(0.2), math.log(2.0)], dtype=torch.float64
     )
-    got = noise_aware_dpo_loss(chosen, rejected, ref_chosen, ref_rejected, noisy, BETA, 0.25)
+    assert_close(_spa_eq9(chosen, rejected, ref_chosen, ref_rejected, noisy, BETA, 0.25), expected)
+    got = _production_loss(chosen, rejected, ref_chosen, ref_rejected, noisy, BETA, 0.25)
     assert_close(got, expected)
 
 
@@ -65,7 +88,7 @@ def test_noisy_pair_gradient_points_less_towards_chosen():
     """Smoothing a noisy pair lowers d(-loss)/dz from beta*s(-bz) to beta*(s(-bz) - a) (SPA Eq. 9)."""
     chosen = torch.tensor([-1.0, -1.0], dtype=torch.float64, requires_grad=True)
     rejected, ref = torch.tensor([-1.0, -1.0], dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
-    loss = noise_aware_dpo_loss(chosen, rejected, ref, ref, torch.tensor([False, True]), BETA, 0.1)
+    loss = _production_loss(chosen, rejected, ref, ref, torch.tensor([False, True]), BETA, 0.1)
     loss.sum().backward()
     assert_close(chosen.grad, torch.tensor([-BETA * 0.5, -BETA * (0.5 - 0.1)], dtype=torch.float64))
 
@@ -207,7 +230,7 @@ def test_clean_pair_loss_does_not_depend_on_lambda(lam):
     losses = {}
     for name, (c, r) in {"lambda=0": (chosen, rejected), "lambda>0": (ext_chosen, ext_rejected)}.items():
         noisy = _flag(BETA * compute_margins(c, r, ref_chosen, ref_rejected))
-        losses[name] = (noisy, noise_aware_dpo_loss(chosen, rejected, ref_chosen, ref_rejected, noisy, BETA, 0.1))
+        losses[name] = (noisy, _production_loss(chosen, rejected, ref_chosen, ref_rejected, noisy, BETA, 0.1))
     plain = -F.logsigmoid(BETA * compute_margins(chosen, rejected, ref_chosen, ref_rejected))
     for noisy, loss in losses.values():
         assert_close(loss[~noisy], plain[~noisy])

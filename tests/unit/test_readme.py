@@ -6,7 +6,8 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from selfee_plugin.args import PromptDataset, SelfeeConfig
+from selfee_plugin.args import SelfeeConfig
+from selfee_plugin.config_blocks import PromptDataset
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()

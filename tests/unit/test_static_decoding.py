@@ -10,7 +10,7 @@ import torch
 from helpers import _lora
 
 from selfee_plugin import static_decoding
-from selfee_plugin.args import GenerationConfig
+from selfee_plugin.config_blocks import GenerationConfig
 from selfee_plugin.generation import HFSampler
 from selfee_plugin.static_decoding import StaticDecoder, static_decode_supported, static_sample
 
