@@ -409,7 +409,7 @@ def main() -> None:
     rows += [judged, online]
     print(f"  refine step {judged.seconds:.3f} s judged columns vs {online.seconds:.3f} s online reference", flush=True)
 
-    print(f"\n| phase | tokens/s | seconds | peak GiB | note |\n|---|---|---|---|---|")
+    print("\n| phase | tokens/s | seconds | peak GiB | note |\n|---|---|---|---|---|")
     for row in rows:
         print(f"| {row.phase} | {row.tokens_per_second:,.0f} | {row.seconds:.2f} | {row.peak_gib:.1f} | {row.note} |")
     projection = project_recipe(default_row, judge_rows[0], judged, prompt_tokens, new_tokens)

@@ -108,7 +108,7 @@ class HFSampler:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[dict]], n: int, seed: int) -> Generations:
-        model, tokenizer, cfg = self.model, self.tokenizer, self.cfg
+        tokenizer, cfg = self.tokenizer, self.cfg
         pad_id = pad_token_id(tokenizer)
         texts = [format_prompt(tokenizer, m) for m in prompts]
         out = Generations(prompts=texts, responses=[None] * len(texts), finished=[None] * len(texts))

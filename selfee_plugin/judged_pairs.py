@@ -35,6 +35,7 @@ import types
 from collections import Counter
 from functools import partial
 
+from .artifacts import read_judged_rows
 from .judged_pairs_entry import TYPE_NAME, find_entry, pairs_files, read_options
 
 # The logger `_logging.get_logger` names, without importing Axolotl (and torch) when this module is imported.
@@ -78,8 +79,6 @@ def count_judged_pairs(path: str | os.PathLike, min_probability: float | None = 
     Raises:
         ValueError: the file lacks a judged-pairs key, or a paired row is damaged (naming the file and line).
     """
-    from .artifacts import read_judged_rows
-
     counts = Counter()
     for line, row in enumerate(read_judged_rows(path), start=1):
         missing = [k for k in REQUIRED_KEYS if k not in row]
@@ -120,7 +119,7 @@ def format_judged_rows(batch: dict, tokenizer=None, *, rl: str, min_probability:
     Returns:
         `prompt`, `chosen`, `rejected` columns; for `kto`, `prompt`, `completion`, `label` (two rows per pair).
     """
-    from .formatting import format_completion, format_prompt
+    from .formatting import format_completion, format_prompt  # imports Axolotl's logging: only when rows are made
 
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise ValueError(

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 import torch
 
 from ._logging import get_logger
+from .patches import bitsandbytes_cpu_weight_packing
 
 LOG = get_logger(__name__)
 
@@ -96,8 +97,6 @@ def load_reference_model(path: str, model):
         ref = AutoModelForCausalLM.from_pretrained(
             path, dtype=model.dtype, quantization_config=quantization, device_map={"": model.device}
         )
-        from .patches import bitsandbytes_cpu_weight_packing
-
         bitsandbytes_cpu_weight_packing.apply(ref, LOG)  # as the policy gets in the plugin's post_model_load
     LOG.info(f"selfee: judge reference pi_init = {path} ({'quantized' if quantization else ref.dtype})")
     return ref.eval().requires_grad_(False)

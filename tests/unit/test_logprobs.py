@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import ANSWERS, BETA, MESSAGES, _lora, _sequences
+from helpers import ANSWERS, MESSAGES, _lora, _sequences
 
 from selfee_plugin.judge import score_sequences
 from selfee_plugin.formatting import pad_token_id
