@@ -31,6 +31,7 @@ EXAMPLES = str(Path(__file__).resolve().parents[1] / "examples")
 sys.path.insert(0, EXAMPLES)
 
 from selfee_demo.build import build_demo  # noqa: E402
+from selfee_plugin import metric_keys as keys  # noqa: E402
 from selfee_demo.evaluate import evaluate_policy, load_eval_set, load_policy  # noqa: E402
 from selfee_demo.run import data_dir_for, train, write_config  # noqa: E402
 
@@ -39,8 +40,8 @@ VARIANTS = {
     "off": {"guard": {"enabled": False}},
     "labels": {"labels": {"per_round": 0.05, "function": "selfee_demo.task:gold_label"}},
 }
-SIGNALS = ("selfee/logps_drift_chosen_per_token", "selfee/logps_drift_ratio", "selfee/kl_previous", "selfee/length_growth",
-           "selfee/longer_chosen_fraction", "selfee/judge_accuracy_on_policy", "selfee/response_length_mean")
+SIGNALS = (keys.DRIFT_CHOSEN_PER_TOKEN, keys.DRIFT_RATIO, keys.KL_PREVIOUS, keys.LENGTH_GROWTH,
+           keys.LONGER_CHOSEN_FRACTION, keys.JUDGE_ACCURACY_ON_POLICY, keys.RESPONSE_LENGTH_MEAN)
 
 
 def gold(paths: dict, policy_dir: str, eval_seeds: list[int], eval_set) -> tuple[list[float], float]:
@@ -59,7 +60,7 @@ def run_one(paths: dict, out: str, task: str, lr: float, seed: int, variant: str
         train(config, os.path.join(run_dir, "train.log"))
         state = json.loads((root / "state.json").read_text())
     eval_set = load_eval_set(paths["eval_prompts"])
-    summary = {row["selfee/round"]: row for row in json.loads((root / "summary.json").read_text())}
+    summary = {row[keys.ROUND]: row for row in json.loads((root / "summary.json").read_text())}
     rows = []
     for t in sorted(summary):
         metrics = summary[t]
@@ -75,7 +76,7 @@ def run_one(paths: dict, out: str, task: str, lr: float, seed: int, variant: str
         if adapter.exists():
             golds, length = gold(paths, str(adapter), eval_seeds, eval_set)
             rows.append({**base, "policy": "final" if t == max(state["completed"]) else "kept",
-                         "decision": metrics.get("selfee/guard_decision", "-"), "golds": golds, "length": length})
+                         "decision": metrics.get(keys.GUARD_DECISION, "-"), "golds": golds, "length": length})
         elif t == (state.get("stopped") or {}).get("round"):
             rows.append({**base, "policy": "-", "decision": "stopped", "golds": None, "length": None})
     for row in rows:
@@ -111,7 +112,7 @@ def rule_evidence(rows: list[dict]) -> None:
         before = start.get((r["task"], r["variant"], r["lr"], r["seed"], r["round"] - 1))
         if r["round"] == 0 or r["golds"] is None or before is None or repeats_guard_run(r):
             continue
-        chosen, ratio = r["selfee/logps_drift_chosen_per_token"], r["selfee/logps_drift_ratio"]
+        chosen, ratio = r[keys.DRIFT_CHOSEN_PER_TOKEN], r[keys.DRIFT_RATIO]
         group = ("chosen log-probs fell (rule 1 fires)" if chosen < 0
                  else "chosen rose, drift ratio > 3 (rule 2 fires)" if ratio and ratio > 3
                  else "chosen rose, drift ratio <= 3 (passes)")

@@ -25,16 +25,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 from selfee_demo.build import build_demo  # noqa: E402
+from selfee_plugin import metric_keys as keys  # noqa: E402
 from selfee_demo.run import data_dir_for, evaluate_run, format_table, train, write_config  # noqa: E402
 
 SIGNALS = {  # key -> direction in which a harmful round is expected to move it
-    "selfee/logps_drift_chosen": "low",
-    "selfee/logps_drift_rejected": "low",
-    "selfee/kl_previous": "high",
-    "selfee/judge_agreement_after": "low",
-    "selfee/judge_accuracy_after": "low",
-    "selfee/margin_mean": "high",
-    "selfee/longer_chosen_fraction": "high",
+    keys.DRIFT_CHOSEN: "low",
+    keys.DRIFT_REJECTED: "low",
+    keys.KL_PREVIOUS: "high",
+    keys.JUDGE_AGREEMENT_AFTER: "low",
+    keys.JUDGE_ACCURACY_AFTER: "low",
+    keys.MARGIN_MEAN: "high",
+    keys.LONGER_CHOSEN_FRACTION: "high",
 }
 # Per-round numbers taken from the gold evaluation (`evaluate_run`), beside the signals.
 # (The judge's longer-chosen share is a gold-free signal above: the plugin's `selfee/longer_chosen_fraction`.)
@@ -51,7 +52,7 @@ def run_one(paths: dict, out: str, lr: float, seed: int) -> tuple[list[dict], li
         train(config, os.path.join(run_dir, "train.log"))
     evaluated = evaluate_run(paths, run_dir, rounds=[0, 1, 2], seed=seed)
     quality = {row["policy"]: row for row in evaluated}
-    summary = {row["selfee/round"]: row for row in json.load(open(summary_path))}
+    summary = {row[keys.ROUND]: row for row in json.load(open(summary_path))}
     rows = []
     for t in (1, 2):
         gold, before = quality[f"round {t}"]["gold_mean"], quality[f"round {t - 1}"]["gold_mean"]
@@ -96,12 +97,11 @@ def main() -> None:
             tables.append(f"lr {lr:g}, seed {seed}:\n\n{format_table(evaluated)}\n")
     print("\n".join(tables))
 
-    keys = list(SIGNALS)
-    print("| lr | seed | round | gold | gold change | " + " | ".join(k.split("/")[-1] for k in QUALITY + tuple(keys))
-          + " |")
-    print("|" + "---|" * (5 + len(QUALITY) + len(keys)))
+    columns = QUALITY + tuple(SIGNALS)
+    print("| lr | seed | round | gold | gold change | " + " | ".join(k.split("/")[-1] for k in columns) + " |")
+    print("|" + "---|" * (5 + len(columns)))
     for row in rows:
-        cells = [f"{row[k]:.3f}" if isinstance(row.get(k), float) else "-" for k in QUALITY + tuple(keys)]
+        cells = [f"{row[k]:.3f}" if isinstance(row.get(k), float) else "-" for k in columns]
         print(f"| {row['lr']:g} | {row['seed']} | {row['round']} | {row['gold']:.3f} | {row['gold_change']:+.3f} | "
               + " | ".join(cells) + " |")
     print(f"\nrounds that lowered gold by more than {args.noise}: "

@@ -62,8 +62,8 @@ def balance_lengths(rows: list[dict]) -> list[dict]:
     pairs as many with the shorter answer chosen as with the longer one, the judge's most confident of each first.
 
     With a length-biased judge this drops most longer-chosen pairs, so DPO no longer learns "longer is better" from
-    labels that mostly say only that (SPEC section 3: per-token normalisation picked the same labels, a fixed length
-    penalty made them coin flips)."""
+    labels that mostly say only that (per-token normalisation picked the same labels, a fixed length penalty made them
+    coin flips: README, "Round guard and on-policy labels")."""
     longer, shorter, out = [], [], []
     for row in rows:
         if row.get("chosen_index") is None:

@@ -1,8 +1,8 @@
 """On-policy label check (beyond the paper): a few of each round's own pairs labelled by a person or a function.
 
 Held-out human pairs measure the judge on *old* samples; the round guard needs its accuracy on the current policy's
-samples, where the demo's and SPEC section 3's failures showed (held-out accuracy 0.83-0.88 while the judge agreed
-with gold on 0.21-0.56 of its own pairs). Each round exports the pairs the judge is least sure of, unequal-length
+samples, where the demo's failures showed while held-out accuracy still read well (`benchmarks/README.md`, "Round
+signals"). Each round exports the pairs the judge is least sure of, unequal-length
 pairs first (the length bias lives there), to `round_<t>/to_label.jsonl`. A label says which of the judge's
 `chosen` / `rejected` answers is better (`chosen`, `rejected` or `tie`); labelled pairs override the judge's label in
 the round's training data (`tie` drops the pair).

@@ -12,6 +12,8 @@ import time
 
 import yaml
 
+from selfee_plugin import metric_keys as keys
+
 # Demo hyperparameters, fixed before any result was seen except the learning rate (benchmarks/README.md).
 DEMO_CONFIG = {
     "tokenizer_type": "AutoTokenizer",
@@ -126,7 +128,7 @@ def evaluate_run(paths: dict, out_dir: str, rounds: list[int], seed: int = 0) ->
                             "unequal_length_accuracy"):
                     row[key] = gold[key]
                 row["pairs"] = len(judged)
-            row["judge_eval_accuracy"] = metrics.get("selfee/judge_accuracy", math.nan)
+            row["judge_eval_accuracy"] = metrics.get(keys.JUDGE_ACCURACY, math.nan)
         rows.append(row)
     return rows
 

@@ -4,7 +4,7 @@ Two modes, named by the prompt's first word so that one gold function scores bot
 - fixed (`sort 7 3 19 0 12` -> `0 3 7 12 19`): every right answer has 5 items, so length cannot go wrong unseen;
 - variable (`evens 7 3 19 0 12 8 5` -> `0 12 8`, the even numbers in the order given): right answers have 1-6 items,
   and the gold score punishes both missing and extra items, so a policy (or judge) that drifts towards longer
-  answers loses gold: the length failure of SPEC section 3 can be reproduced.
+  answers loses gold: the judge's length failure (README, "Round guard and on-policy labels") can be reproduced.
 """
 
 from __future__ import annotations

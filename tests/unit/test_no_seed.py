@@ -1,4 +1,4 @@
-"""No seed pairs: `datasets:` absent, `selfee.judge.reference_model` as pi_init, round 0 skipped (SPEC "No seed data").
+"""No seed pairs: `datasets:` absent, `selfee.judge.reference_model` as pi_init, round 0 skipped (README "No seed pairs").
 
 The end-to-end tests (tests/e2e/test_no_seed_e2e.py) run the paper's other setting through the real `axolotl train`
 CLI: an instruct ("SFT") model judged against the base model it was tuned from.
