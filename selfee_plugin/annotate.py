@@ -114,9 +114,10 @@ def annotate(
     return metrics
 
 
-def annotate_round(model, tokenizer, prompts, selfee_cfg, beta: float, pairs_path: Path, reference=None,
-                   seed: int = 0, max_length: int | None = None) -> tuple[dict, list[dict]]:
-    """`annotate` a round's prompts not judged yet, sharded over the processes; rank 0 merges the rows.
+def annotate_round(model, tokenizer, round_idx: int, prompts, selfee_cfg, beta: float, pairs_path: Path,
+                   reference=None, max_length: int | None = None) -> tuple[dict, list[dict]]:
+    """`annotate` round t's prompts not judged yet (sampling seed `generation.seed + t`), sharded over the processes;
+    rank 0 merges the rows.
 
     Rank 0 reads which prompts every file of the round already holds (written by any earlier run, with any number
     of processes) and broadcasts their ids, so all ranks deal the same remaining list; rank r takes every world-th
@@ -133,12 +134,14 @@ def annotate_round(model, tokenizer, prompts, selfee_cfg, beta: float, pairs_pat
         {row["prompt_id"] for row in read_round_rows(pairs_path)} & set(order) if distributed.is_main() else None
     )
     todo = [(str(pid), messages) for pid, messages in prompts if str(pid) not in done]
+    if done:
+        LOG.info(f"selfee round {round_idx}: resuming: {len(done)} prompt(s) already judged, {len(todo)} to go")
     if world > 1:
-        LOG.info(f"selfee: {len(todo)} prompt(s) to judge, sharded over {world} processes")
+        LOG.info(f"selfee round {round_idx}: {len(todo)} prompt(s) sharded over {world} processes")
     mine = distributed.shard(todo, rank, world)
     out_path = pairs_path if world == 1 else pairs_part_path(pairs_path, rank)
-    local = annotate(model, tokenizer, mine, selfee_cfg, beta, str(out_path), reference, seed, max_length,
-                     summarize=False)
+    local = annotate(model, tokenizer, mine, selfee_cfg, beta, str(out_path), reference,
+                     selfee_cfg.generation.seed + round_idx, max_length, summarize=False)
     local[keys.PROMPTS_ANNOTATED] = float(len(mine))
     per_rank = distributed.gather(local)  # returns once every rank has written its rows
     if distributed.is_main():

@@ -123,9 +123,8 @@ class RoundRunner:
         LOG.info(f"selfee round {round_idx}: generating and judging {len(prompts)} prompts")
         metrics = {keys.ROUND: round_idx, keys.POOL_ROWS_SKIPPED: float(sum(self.pool.skipped.values()))}
         annotated, rows = annotate_round(
-            trainer.accelerator.unwrap_model(trainer.model), trainer.processing_class, prompts, selfee,
-            trainer.beta, rdir / PAIRS_FILE, self.judge_reference, selfee.generation.seed + round_idx,
-            trainer.args.max_length,
+            trainer.accelerator.unwrap_model(trainer.model), trainer.processing_class, round_idx, prompts, selfee,
+            trainer.beta, rdir / PAIRS_FILE, self.judge_reference, trainer.args.max_length,
         )
         metrics.update(annotated)
         metrics.update(self.measure.judge_accuracy())

@@ -40,8 +40,8 @@ def main(model_dir: str, work_dir: str) -> None:
     selfee = SelfeeConfig.model_validate(json.loads((work / "selfee.json").read_text()))
     model = _lora(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), seed=0)
     metrics, _ = annotate_module.annotate_round(
-        model, AutoTokenizer.from_pretrained(model_dir), prompts, selfee, 0.1, work / "round_1" / "pairs.jsonl",
-        seed=selfee.generation.seed + 1, max_length=64,
+        model, AutoTokenizer.from_pretrained(model_dir), 1, prompts, selfee, 0.1, work / "round_1" / "pairs.jsonl",
+        max_length=64,
     )
     (work / f"rank{dist.get_rank()}.json").write_text(json.dumps({"metrics": metrics, "received": received}))
     dist.barrier()
