@@ -39,8 +39,8 @@ from typing_extensions import override
 from . import metric_keys as keys
 from ._logging import get_logger
 from .args import REFINE_LOSS_TYPES
-from .config_blocks import RefineConfig
 from .artifacts import NOISE_STATE_FILE
+from .config_blocks import RefineConfig
 from .context import RunContext
 from .formatting import pad_token_id
 from .logprobs import float32_logits, sequence_logps
