@@ -74,8 +74,14 @@ def rejected_dir(root: Path, round_idx: int, attempt: int) -> Path:
 
 def write_json(path: Path, data) -> None:
     """Atomic: a kill never leaves half a metrics or state file."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=float))
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, default=float)))
+
+
+def write_atomic(path: Path, write) -> None:
+    """`write(tmp)` to a temporary file beside `path` (same suffix, so writers that read it still work), then
+    rename it over `path`: readers see the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    write(tmp)
     os.replace(tmp, path)
 
 

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from . import metric_keys as keys
-from .artifacts import PLOT_FILE, REPORT_FILE, SUMMARY_FILE, selfee_root
+from .artifacts import PLOT_FILE, REPORT_FILE, SUMMARY_FILE, selfee_root, write_atomic
 
 # (column, metric key, format): what says whether a round helped, without gold (see README "Logged metrics").
 COLUMNS = [
@@ -102,8 +102,8 @@ def write_report(output_dir) -> Path:
     root = selfee_root(output_dir)
     summary = json.loads((root / SUMMARY_FILE).read_text()) if (root / SUMMARY_FILE).exists() else []
     path = root / REPORT_FILE
-    path.write_text(render(summary))
-    plot(summary, root / PLOT_FILE)
+    write_atomic(path, lambda tmp: tmp.write_text(render(summary)))
+    write_atomic(root / PLOT_FILE, lambda tmp: plot(summary, tmp))
     return path
 
 

@@ -76,6 +76,8 @@ class RoundRunner:
 
     def run(self) -> None:
         selfee, trainer = self.selfee, self.trainer
+        if self.state["completed"] or self.state.get("stopped"):
+            self._write_record()  # a kill after state.json but before the summary or report left them stale
         if self.state.get("stopped"):
             LOG.warning(stopped_message(self.state))
             if self.state["completed"]:
@@ -216,14 +218,19 @@ class RoundRunner:
         if distributed.is_main():  # every rank holds the same metrics (reduced in `annotate_round`)
             write_json(round_dir(self.root, round_idx) / METRICS_FILE, metrics)
             save_state(self.root, self.state)
-            write_json(self.root / SUMMARY_FILE, self._all_metrics())
-            write_report(self.root.parent)
+        self._write_record()
         _fire(self.trainer, "on_selfee_round_end", round_idx=round_idx, metrics=metrics)
         numeric = {k: v for k, v in metrics.items() if k.startswith(keys.PREFIX) and isinstance(v, (int, float))}
         # Through the trainer's log, so the round's metrics reach the user's trackers (wandb, tensorboard, ...).
         self.trainer.log({k: float(v) for k, v in numeric.items()})
         shown = {k.split("/", 1)[1]: round(v, 4) if isinstance(v, float) else v for k, v in numeric.items()}
         LOG.info(f"selfee round {round_idx} {'done' if completed else 'stopped'}: {shown}")
+
+    def _write_record(self) -> None:
+        """`summary.json` and the report, derived from the state and each recorded round's `metrics.json` (rank 0)."""
+        if distributed.is_main():
+            write_json(self.root / SUMMARY_FILE, self._all_metrics())
+            write_report(self.root.parent)
 
     def _all_metrics(self) -> list[dict]:
         rows = []

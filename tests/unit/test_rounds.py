@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -60,7 +61,8 @@ def test_resume_accepts_appended_rounds_and_speed_settings(tmp_path):
 
 def test_rerunning_a_finished_run_loads_the_last_policy_and_trains_nothing(tiny_model_dir, tmp_path, selfee_logs):
     """`axolotl train` again on an output_dir whose every round is in state.json: the last round's adapter is loaded
-    into the policy, the run says so, and nothing is generated, judged or trained (the prompt pool is never read)."""
+    into the policy, the run says so, and nothing is generated, judged or trained (the prompt pool is never read).
+    The summary and report, left stale by a kill after the state was written, are rebuilt from the rounds' metrics."""
     from helpers import _lora
     from transformers import AutoModelForCausalLM
 
@@ -73,6 +75,10 @@ def test_rerunning_a_finished_run_loads_the_last_policy_and_trains_nothing(tiny_
     root = tmp_path / "selfee"
     last = _lora(fresh(), seed=1)  # random B: the saved policy differs from a fresh adapter (B = 0)
     last.save_pretrained(str(root / "round_2" / "adapter"))
+    for t in range(3):
+        (root / f"round_{t}").mkdir(exist_ok=True)
+        (root / f"round_{t}" / "metrics.json").write_text(json.dumps({"selfee/round": t, "selfee/pairs": 10.0 + t}))
+    (root / "summary.json").write_text(json.dumps([{"selfee/round": 0, "selfee/pairs": 10.0}]))  # round 0 only
     policy = _lora(fresh(), seed=None)
     runner = RoundRunner.__new__(RoundRunner)
     runner.trainer = SimpleNamespace(model=policy, train_dataset=None)
@@ -84,6 +90,10 @@ def test_rerunning_a_finished_run_loads_the_last_policy_and_trains_nothing(tiny_
     runner.run()
 
     assert "every round in" in selfee_logs.text and "already finished; nothing to train" in selfee_logs.text
+    assert [row["selfee/round"] for row in json.loads((root / "summary.json").read_text())] == [0, 1, 2]
+    report = (root / "report.md").read_text()
+    assert [line.split("|")[2].strip() for line in report.splitlines() if line.startswith("| ")][1:] == ["10", "11", "12"]
+    assert (root / "report.png").stat().st_size > 0 and not list(root.glob(".*.tmp*"))
     saved = {name: p for name, p in last.named_parameters() if "lora_" in name}
     loaded = {name: p for name, p in policy.named_parameters() if "lora_" in name}
     assert loaded.keys() == saved.keys() and any("lora_B" in name for name in saved)
