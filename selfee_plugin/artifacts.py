@@ -164,14 +164,20 @@ def merge_pairs_parts(pairs_path: str | os.PathLike, order: list[str]) -> int:
         return 0
     position = {prompt_id: i for i, prompt_id in enumerate(order)}
     rows = sorted(read_round_rows(pairs_path), key=lambda row: position.get(row["prompt_id"], len(order)))
-    path = Path(pairs_path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        append_rows(f, rows)
-    os.replace(tmp, path)
+    write_rows(Path(pairs_path), rows)
     for part in parts:
         part.unlink()
     return len(rows)
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    """A whole JSON Lines file, durable and atomic (`write_atomic`)."""
+
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            append_rows(f, rows)
+
+    write_atomic(path, write)
 
 
 def append_rows(f, rows: list[dict]) -> None:

@@ -11,8 +11,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ._logging import get_logger
-from .config_blocks import AUTO_MAX_SEQUENCES
 from .artifacts import PROMPT_TOO_LONG
+from .config_blocks import AUTO_MAX_SEQUENCES
 from .formatting import format_prompt, pad_token_id, tokenize_prompt
 from .logprobs import eval_mode
 from .memory import auto_batch_sequences, is_out_of_memory, sequence_bytes

@@ -18,7 +18,7 @@ from pathlib import Path
 from . import distributed
 from . import metric_keys as keys
 from ._logging import get_logger
-from .artifacts import TO_LABEL_FILE, append_rows
+from .artifacts import TO_LABEL_FILE, write_rows
 
 LOG = get_logger(__name__)
 
@@ -112,10 +112,7 @@ def round_labels(rows: list[dict], labels_cfg, round_dir: Path) -> dict[str, str
                 exported.append(out)
         else:
             exported = [_export_row(row) for row in chosen]
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            append_rows(f, exported)
-        tmp.replace(path)
+        write_rows(path, exported)
         if not labels_cfg.function:
             raise LabelsNeeded(
                 f"selfee.labels: {len(exported)} of this round's pairs are waiting for labels in {path}. On each line "

@@ -33,8 +33,8 @@ from . import distributed
 from . import metric_keys as keys
 from ._logging import get_logger
 from .annotate import annotate_round
-from .artifacts import AUTO_EVAL_FILE, METRICS_FILE, PAIRS_FILE, SUMMARY_FILE, append_rows, checkpoints_dir
-from .artifacts import judged_pairs_dataset, round_dir, write_json
+from .artifacts import AUTO_EVAL_FILE, METRICS_FILE, PAIRS_FILE, SUMMARY_FILE, checkpoints_dir, judged_pairs_dataset
+from .artifacts import round_dir, write_json, write_rows
 from .guard import Attempt, balance_lengths, guard_round, stopped_message, verdict
 from .labels import apply_labels, shared_round_labels
 from .measurement import RoundMeasurement
@@ -67,8 +67,7 @@ class RoundRunner:
         if distributed.is_main():
             save_state(self.root, self.state)
             if run.held_out_seed_pairs:  # which seed pairs `eval_pairs: auto` held out
-                with open(self.root / AUTO_EVAL_FILE, "w", encoding="utf-8") as f:
-                    append_rows(f, run.eval_rows)
+                write_rows(self.root / AUTO_EVAL_FILE, run.eval_rows)
         self.policies = PolicyStore(trainer, self.root)
         self.judge_reference = init_judge_reference(trainer.model, trainer, self.selfee.judge.reference_model)
         self.measure = RoundMeasurement(trainer, self.selfee, run.eval_rows, self.judge_reference)

@@ -14,9 +14,9 @@ from .memory import is_out_of_memory
 LOG = get_logger(__name__)
 
 # Model types whose decoder layers are plain causal attention over a standard KV cache and accept a prepared 4D mask:
-# `static_sample` drives them. Others (hybrid, encoder-decoder, windows shorter than the batch) use HF generate.
+# `StaticDecoder` drives them. Others (hybrid, encoder-decoder, windows shorter than the batch) use HF generate.
 STATIC_DECODE_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
-# The logits processors of `generate` that `static_sample` applies itself (temperature, then top-p).
+# The logits processors of `generate` that `StaticDecoder.sample` applies itself (temperature, then top-p).
 STATIC_PROCESSORS = {"TemperatureLogitsWarper", "TopPLogitsWarper"}
 GQA_DECODE_ATTENTION = "selfee_gqa_sdpa"
 # Prompt tokens per prefill forward of the static loop: bounds its activations whatever the batch.
@@ -25,7 +25,7 @@ PREFILL_TOKENS = 8192
 
 def static_decode_supported(model, total_tokens: int) -> bool:
     """Whether `model`'s attention is plain causal SDPA over a standard cache for sequences of up to `total_tokens`
-    (prompt + answer): what `static_sample` and a prompt's cache shared by its completions rely on."""
+    (prompt + answer): what `StaticDecoder` and a prompt's cache shared by its completions rely on."""
     config = model.config
     if (config.model_type not in STATIC_DECODE_MODEL_TYPES or getattr(config, "is_encoder_decoder", False)
             or config._attn_implementation != "sdpa"):
@@ -237,8 +237,3 @@ class StaticDecoder:
             LOG.warning(f"selfee generation: CUDA graph capture failed ({type(error).__name__}: {error}); decoding "
                         "without graphs from now on")
             return None, None
-
-
-def static_sample(model, input_ids, attention_mask, kwargs: dict, graphs: bool = False) -> torch.Tensor:
-    """`StaticDecoder.sample` once, with or without CUDA graphs (see there)."""
-    return StaticDecoder(graphs).sample(model, input_ids, attention_mask, kwargs)

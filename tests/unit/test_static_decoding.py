@@ -12,7 +12,7 @@ from helpers import _lora
 from selfee_plugin import static_decoding
 from selfee_plugin.config_blocks import GenerationConfig
 from selfee_plugin.generation import HFSampler
-from selfee_plugin.static_decoding import StaticDecoder, static_decode_supported, static_sample
+from selfee_plugin.static_decoding import StaticDecoder, static_decode_supported
 
 PROMPTS = [
     [{"role": "user", "content": "sort 3 1 2"}],
@@ -62,16 +62,16 @@ def _bias_tokens(model, tokens, value):
 
 
 def _both(model, ids, mask, kwargs):
-    """`generate`'s and `static_sample`'s new tokens from the same seed."""
+    """`generate`'s and the static decoder's new tokens from the same seed (no CUDA graphs: CPU)."""
     with torch.no_grad():
         torch.manual_seed(1)
         expected = model.generate(input_ids=ids, attention_mask=mask, **kwargs)[:, ids.shape[1] :]
         torch.manual_seed(1)
-        sampled = static_sample(model, ids, mask, kwargs)
+        sampled = StaticDecoder(graphs=False).sample(model, ids, mask, kwargs)
     return expected, sampled
 
 
-def test_static_sample_draws_the_same_tokens_as_hf_generate(monkeypatch):
+def test_static_decoder_draws_the_same_tokens_as_hf_generate(monkeypatch):
     """The static loop (preallocated cache, GQA decode attention, each prompt prefilled once in chunks, no graphs
     on CPU) samples exactly what `generate` samples with the same seed: temperature, top-p, padding after EOS."""
     model = _gqa_mistral()
@@ -91,7 +91,7 @@ def test_static_sample_draws_the_same_tokens_as_hf_generate(monkeypatch):
     ("qwen3", {"sliding_window": 32, "use_sliding_window": True, "max_window_layers": 1, "head_dim": 8}),
 ], ids=["llama", "mistral", "qwen2", "qwen3"])
 @pytest.mark.parametrize("lora", [False, True], ids=["base", "lora"])
-def test_static_sample_equals_generate_across_architectures(model_type, extra, lora):
+def test_static_decoder_equals_generate_across_architectures(model_type, extra, lora):
     """Token for token with `generate` for each supported model type: grouped-query attention, several EOS ids,
     linear rope scaling, a sliding window that never cuts in (on Qwen one layer full, one sliding), and a LoRA
     adapter with non-zero B matrices."""
@@ -232,7 +232,7 @@ def test_failed_graph_capture_falls_back_to_eager_steps_and_is_not_retried(monke
     captures, capture = [], static_decoding._capture_step
     monkeypatch.setattr(static_decoding, "_capture_step", lambda step: captures.append(1) or capture(step))
     torch.manual_seed(0)
-    eager = static_sample(model, ids, mask, kwargs, graphs=False)
+    eager = StaticDecoder(graphs=False).sample(model, ids, mask, kwargs)
     decoder = StaticDecoder(graphs=True)
     torch.manual_seed(0)
     fallback = decoder.sample(model, ids, mask, kwargs)
